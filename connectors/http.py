@@ -1,0 +1,318 @@
+"""The one HTTP and retry layer every connector uses.
+
+- :class:`RateBudget` paces calls *before* they are sent (sliding windows plus a concurrency cap) and
+  pauses when a vendor says so (``Retry-After``, limit headers at zero).
+- :func:`retrying` is the single tenacity policy: it retries :class:`~connectors.errors.TransientError`
+  (and so :class:`~connectors.errors.RateLimitedError`), waits what the vendor asked or an exponential
+  backoff with full jitter, and re-raises the last error.
+- :class:`VendorHttp` wraps one ``httpx.Client`` per connector instance: it counts calls, classifies
+  transport failures and statuses into the error tree, and never retries a write that carries no
+  idempotency key (such a failure is an :class:`~connectors.errors.AmbiguousWriteError`).
+
+Vendor SDKs that do their own HTTP (hubspot-api-client) have their retries turned off and are wrapped in
+:func:`retrying` by their adapter, so there is exactly one retry layer on every call path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import httpx
+import structlog
+import tenacity
+
+from connectors.errors import (
+    AmbiguousWriteError,
+    AuthError,
+    ConnectorError,
+    RateLimitedError,
+    TransientError,
+    VendorError,
+)
+from connectors.interfaces import ApiStats
+
+__all__ = ["RateBudget", "VendorHttp", "backoff_jitter", "parse_retry_after", "retrying"]
+
+log = structlog.get_logger("ledgerbridge.http")
+T = TypeVar("T")
+
+USER_AGENT = "ledgerbridge/0.1 (+https://github.com/ledgerbridge/ledgerbridge)"
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value: delta-seconds (fractions accepted) or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
+
+
+class RateBudget:
+    """Client-side pacing for one (vendor, account): sliding windows and a concurrency cap.
+
+    ``windows`` is a list of ``(limit, seconds)``. :meth:`acquire` blocks until a call fits in every
+    window and no pause is in force; :meth:`pause` is called when the vendor says to wait.
+    """
+
+    def __init__(
+        self,
+        windows: list[tuple[int, float]],
+        concurrency: int | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.windows = windows
+        self._hits: list[deque[float]] = [deque() for _ in windows]
+        self._lock = threading.Lock()
+        self._sem = threading.BoundedSemaphore(concurrency) if concurrency else None
+        self._paused_until = 0.0
+        self._sleep = sleep
+        self._now = monotonic
+        self.waited = 0.0
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self._paused_until = max(self._paused_until, self._now() + seconds)
+
+    def _wait_needed(self, now: float) -> float:
+        wait = max(self._paused_until - now, 0.0)
+        for (limit, seconds), hits in zip(self.windows, self._hits, strict=True):
+            while hits and hits[0] <= now - seconds:
+                hits.popleft()
+            if len(hits) >= limit:
+                wait = max(wait, hits[0] + seconds - now)
+        return wait
+
+    def acquire(self) -> None:
+        if self._sem is not None:
+            self._sem.acquire()
+        while True:
+            with self._lock:
+                now = self._now()
+                wait = self._wait_needed(now)
+                if wait <= 0:
+                    for hits in self._hits:
+                        hits.append(now)
+                    return
+            self.waited += wait
+            self._sleep(min(wait, 5.0) + 0.001)
+
+    def release(self) -> None:
+        if self._sem is not None:
+            self._sem.release()
+
+
+def backoff_jitter(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0, min(cap, base * 2 ** max(attempt - 1, 0)))
+
+
+class _Wait(tenacity.wait.wait_base):
+    def __init__(self, base: float, cap: float) -> None:
+        self.base = base
+        self.cap = cap
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, TransientError) and exc.retry_after is not None:
+            # The vendor told us when; add a little jitter so parallel workers do not stampede.
+            return min(exc.retry_after, 3600.0) + random.uniform(0, 0.05)
+        return backoff_jitter(retry_state.attempt_number, self.base, self.cap)
+
+
+def _before_sleep(retry_state: tenacity.RetryCallState) -> None:
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
+    log.warning(
+        "retrying",
+        attempt=retry_state.attempt_number,
+        wait_s=round(wait, 3),
+        error=str(exc) if exc else None,
+    )
+
+
+def retrying(
+    *,
+    max_attempts: int = 8,
+    max_delay: float = 600.0,
+    base: float = 0.5,
+    cap: float = 30.0,
+    stats: ApiStats | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tenacity.Retrying:
+    """The retry policy: transient errors only, vendor-requested waits honoured, last error re-raised."""
+
+    def before_sleep(rs: tenacity.RetryCallState) -> None:
+        if stats is not None:
+            stats.retries += 1
+        _before_sleep(rs)
+
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(TransientError),
+        wait=_Wait(base, cap),
+        stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_after_delay(max_delay),
+        before_sleep=before_sleep,
+        reraise=True,
+        sleep=sleep,
+    )
+
+
+ErrorMapper = Callable[[httpx.Response], ConnectorError | None]
+
+
+class VendorHttp:
+    """One ``httpx.Client`` for one connector instance, with pacing, counting and error mapping.
+
+    ``error_mapper`` turns a vendor's error body into the right error type; when it returns None the
+    generic status mapping applies (429 -> RateLimitedError, 5xx -> TransientError, 401/403 ->
+    AuthError, other 4xx -> VendorError).
+    """
+
+    def __init__(
+        self,
+        *,
+        vendor: str,
+        base_url: str,
+        budget: RateBudget | None = None,
+        stats: ApiStats | None = None,
+        auth: httpx.Auth | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        error_mapper: ErrorMapper | None = None,
+        on_response: Callable[[httpx.Response], None] | None = None,
+        max_attempts: int = 8,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.vendor = vendor
+        self.budget = budget
+        self.stats = stats or ApiStats()
+        self.error_mapper = error_mapper
+        self.on_response = on_response
+        self.max_attempts = max_attempts
+        self._sleep = sleep
+        self.client = httpx.Client(
+            base_url=base_url,
+            auth=auth,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _error(self, resp: httpx.Response) -> ConnectorError:
+        mapped = self.error_mapper(resp) if self.error_mapper else None
+        if mapped is not None:
+            return mapped
+        kw: dict[str, Any] = {
+            "vendor": self.vendor,
+            "status": resp.status_code,
+            "method": resp.request.method,
+            "path": resp.request.url.path,
+            "body": resp.text[:500],
+        }
+        if resp.status_code == 429:
+            return RateLimitedError("rate limited", retry_after=parse_retry_after(resp.headers.get("Retry-After")), **kw)
+        if resp.status_code >= 500:
+            return TransientError("server error", retry_after=parse_retry_after(resp.headers.get("Retry-After")), **kw)
+        if resp.status_code in (401, 403):
+            return AuthError("not authorised", **kw)
+        return VendorError("request failed", **kw)
+
+    def _send_once(self, request: httpx.Request, *, write: bool, replay_safe: bool) -> httpx.Response:
+        endpoint = f"{request.method} {request.url.path}"
+        if self.budget is not None:
+            self.budget.acquire()
+        try:
+            self.stats.record(endpoint)
+            try:
+                resp = self.client.send(request)
+            except httpx.ConnectError as exc:
+                # Nothing reached the server: always safe to retry.
+                raise TransientError(f"connect failed: {type(exc).__name__}", vendor=self.vendor,
+                                     method=request.method, path=request.url.path) from None
+            except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                msg = f"no response: {type(exc).__name__}"
+                if write and not replay_safe:
+                    raise AmbiguousWriteError(msg, vendor=self.vendor, method=request.method,
+                                              path=request.url.path) from None
+                raise TransientError(msg, vendor=self.vendor, method=request.method,
+                                     path=request.url.path) from None
+        finally:
+            if self.budget is not None:
+                self.budget.release()
+        if self.on_response is not None:
+            self.on_response(resp)
+        if resp.status_code >= 400:
+            err = self._error(resp)
+            if isinstance(err, RateLimitedError):
+                self.stats.rate_limited += 1
+                if self.budget is not None and err.retry_after:
+                    self.budget.pause(err.retry_after)
+            if write and not replay_safe and isinstance(err, TransientError) and resp.status_code >= 500:
+                raise AmbiguousWriteError(str(err.detail), vendor=self.vendor, status=resp.status_code,
+                                          method=request.method, path=request.url.path)
+            raise err
+        return resp
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        content: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
+        replay_safe: bool | None = None,
+    ) -> httpx.Response:
+        """Send a request under the retry policy and return the successful response.
+
+        Reads are always retried. A write is retried only when ``replay_safe`` (it carries an
+        idempotency key the vendor honours, or is naturally idempotent like a PATCH of absolute values);
+        otherwise an unanswered write raises :class:`AmbiguousWriteError` at once.
+        """
+        write = method.upper() in {"POST", "PUT", "PATCH", "DELETE"}
+        safe = (not write) if replay_safe is None else replay_safe
+        # Built once: every retry sends the identical body and headers (idempotency key included).
+        request = self.client.build_request(method, url, params=params, json=json, content=content, headers=headers)
+        last: list[ConnectorError] = []
+
+        def attempt() -> httpx.Response:
+            try:
+                return self._send_once(request, write=write, replay_safe=safe)
+            except ConnectorError as exc:
+                last[:] = [exc]
+                raise
+
+        try:
+            for att in retrying(max_attempts=self.max_attempts, stats=self.stats, sleep=self._sleep):
+                with att:
+                    return attempt()
+        except TransientError as exc:
+            if write:
+                # Retries ran out on a write: whether it was applied is unknown.
+                raise AmbiguousWriteError(f"gave up after retries: {exc.detail}", vendor=self.vendor,
+                                          status=exc.status, method=method, path=request.url.path) from None
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,222 @@
+"""The connector interfaces: a CRM source and an accounting ledger.
+
+A CRM connector implements :class:`CrmSource`, a ledger connector implements :class:`Ledger`. Both are
+registered as entry points (``ledgerbridge.crm`` and ``ledgerbridge.ledger``) and built from the
+pipeline's config block through their ``from_config`` class method, so a third party can add a vendor
+without touching this package. Adapters raise only :mod:`connectors.errors` types.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, ClassVar, Literal
+
+from connectors.domain import Customer, Deal, Invoice, Payment
+
+__all__ = [
+    "ApiStats",
+    "CreateOutcome",
+    "CrmSource",
+    "Cursor",
+    "DealPage",
+    "FieldSpec",
+    "FieldUpdate",
+    "InvoiceRequest",
+    "Ledger",
+    "LedgerCustomer",
+    "TokenStore",
+    "WriteResult",
+]
+
+
+@dataclass(frozen=True, order=True)
+class Cursor:
+    """A compound incremental cursor: a timestamp plus the id that breaks ties at equal timestamps."""
+
+    value: dt.datetime
+    tiebreak: str = ""
+
+
+@dataclass
+class DealPage:
+    """One page of changed deals. ``cursor`` covers every deal in this page and all pages before it."""
+
+    deals: list[Deal]
+    cursor: Cursor | None
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """A custom field the sync writes to CRM records."""
+
+    name: str
+    label: str
+    type: Literal["string", "number", "date", "datetime", "enumeration", "bool"] = "string"
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FieldUpdate:
+    object_id: str
+    values: Mapping[str, str | Decimal | int | dt.date | dt.datetime | None]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    object_id: str
+    ok: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LedgerCustomer:
+    """A customer (contact) as the ledger holds it, with the fields used for matching."""
+
+    ledger_id: str
+    name: str
+    number: str | None = None
+    email: str | None = None
+    vat_number: str | None = None
+    domain: str | None = None
+    company_id: str | None = None
+
+
+@dataclass(frozen=True)
+class InvoiceRequest:
+    """An invoice to create, with the idempotency key stored before the call."""
+
+    idempotency_key: str
+    invoice: Invoice
+    customer_ledger_id: str
+
+
+@dataclass(frozen=True)
+class CreateOutcome:
+    """Result of one invoice in a batch create."""
+
+    idempotency_key: str
+    ok: bool
+    invoice: Invoice | None = None
+    error: str | None = None
+
+
+@dataclass
+class ApiStats:
+    """Calls made by one connector instance, for the run summary and the benchmarks."""
+
+    calls: int = 0
+    rate_limited: int = 0
+    retries: int = 0
+    by_endpoint: dict[str, int] = field(default_factory=dict)
+
+    def record(self, endpoint: str) -> None:
+        self.calls += 1
+        self.by_endpoint[endpoint] = self.by_endpoint.get(endpoint, 0) + 1
+
+
+class TokenStore(abc.ABC):
+    """Where a connector keeps OAuth tokens that rotate. Implemented by the state store.
+
+    ``save`` must be durable before it returns: a rotated refresh token is persisted before the new
+    access token is used.
+    """
+
+    @abc.abstractmethod
+    def load(self, connection: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    def save(self, connection: str, token: dict[str, Any]) -> None: ...
+
+
+class CrmSource(abc.ABC):
+    """A CRM that deals are pulled from and finance fields are written back to."""
+
+    vendor: ClassVar[str]
+    stats: ApiStats
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, settings: Mapping[str, Any], tokens: TokenStore) -> CrmSource:
+        """Build the connector from its pipeline config block (secrets already resolved)."""
+
+    @abc.abstractmethod
+    def changed_deals(
+        self, since: Cursor | None, until: dt.datetime, page_size: int = 100
+    ) -> Iterator[DealPage]:
+        """Deals modified in ``(since, until]``, oldest first.
+
+        Deals are ordered by (modification time, id); ``since`` is exclusive on that pair. Won deals
+        carry their customer and line items (lines come from the quote the customer accepted when the
+        deal has one, otherwise from the deal itself); other deals may come without them.
+        """
+
+    @abc.abstractmethod
+    def get_deals(self, ids: Sequence[str]) -> list[Deal]:
+        """Read the given deals (with customers and lines); unknown ids are left out."""
+
+    @abc.abstractmethod
+    def ensure_fields(self, object_type: Literal["deal", "customer"], fields: Sequence[FieldSpec]) -> None:
+        """Create the custom fields that do not exist yet."""
+
+    @abc.abstractmethod
+    def write_fields(
+        self, object_type: Literal["deal", "customer"], updates: Sequence[FieldUpdate]
+    ) -> list[WriteResult]:
+        """Write field values in batches; one bad record does not fail the others."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook with a documented default
+        """Release connections."""
+
+
+class Ledger(abc.ABC):
+    """An accounting system that invoices are created in and payments are read from."""
+
+    vendor: ClassVar[str]
+    stats: ApiStats
+    max_batch: ClassVar[int] = 50
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, settings: Mapping[str, Any], tokens: TokenStore) -> Ledger:
+        """Build the connector from its pipeline config block (secrets already resolved)."""
+
+    @abc.abstractmethod
+    def list_customers(self) -> Iterator[LedgerCustomer]:
+        """Every active customer of the organisation, for matching."""
+
+    @abc.abstractmethod
+    def find_customers_by_number(self, numbers: Sequence[str]) -> dict[str, LedgerCustomer]:
+        """Customers whose external number (ContactNumber, external reference...) is in ``numbers``."""
+
+    @abc.abstractmethod
+    def create_customers(
+        self, customers: Sequence[tuple[str, Customer]], idempotency_key: str
+    ) -> dict[str, LedgerCustomer]:
+        """Create customers; each pair is (external number, customer). Returns number -> created."""
+
+    @abc.abstractmethod
+    def create_invoices(self, requests: Sequence[InvoiceRequest], idempotency_key: str) -> list[CreateOutcome]:
+        """Create up to ``max_batch`` invoices in one call.
+
+        Validation failures are returned per invoice (``ok=False``). A failure whose outcome is unknown
+        raises :class:`~connectors.errors.AmbiguousWriteError` for the whole batch.
+        """
+
+    @abc.abstractmethod
+    def find_invoices_by_reference(self, references: Sequence[str]) -> dict[str, Invoice]:
+        """Invoices whose reference is in ``references`` (the lookup that resolves ambiguous writes)."""
+
+    @abc.abstractmethod
+    def list_invoices(self, modified_since: dt.datetime | None = None) -> Iterator[Invoice]:
+        """Sales invoices changed since ``modified_since`` (all when None), with lines."""
+
+    @abc.abstractmethod
+    def list_payments(self, modified_since: dt.datetime | None = None) -> Iterator[Payment]:
+        """Payments changed since ``modified_since``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook with a documented default
+        """Release connections."""
