@@ -25,6 +25,7 @@ __all__ = [
     "ItemTarget",
     "LoggingConfig",
     "Pipeline",
+    "Schedule",
     "StateConfig",
     "TaxMapping",
 ]
@@ -123,7 +124,7 @@ class TaxMapping(_Strict):
 
 class CustomerPolicy(_Strict):
     match: list[MatchKey] = Field(
-        default_factory=lambda: ["link", "number", "vat_number", "domain", "email", "name"],
+        default_factory=lambda: list[MatchKey](["link", "number", "vat_number", "domain", "email", "name"]),
         description="Matching order; the first key that finds exactly one ledger customer wins",
     )
     create_missing: bool = True
@@ -146,6 +147,13 @@ class InvoicePolicy(_Strict):
     )
 
 
+class Schedule(_Strict):
+    """When the daemon runs the pipeline's deal sync."""
+
+    interval_minutes: int = Field(default=15, ge=1, le=1440)
+    cron: str | None = Field(default=None, description="Crontab expression (UTC); overrides interval_minutes")
+
+
 class Pipeline(_Strict):
     crm: ConnectorBlock
     ledger: ConnectorBlock
@@ -154,6 +162,7 @@ class Pipeline(_Strict):
     customers: CustomerPolicy = Field(default_factory=CustomerPolicy)
     invoice: InvoicePolicy = Field(default_factory=InvoicePolicy)
     page_size: int = Field(default=100, ge=1, le=200, description="Deals per pulled page")
+    schedule: Schedule = Field(default_factory=Schedule)
     enabled: bool = True
 
 

@@ -13,9 +13,12 @@ import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from connectors.domain import Customer, Deal, Invoice, Payment
+
+if TYPE_CHECKING:
+    from config.schema import ConnectorSettings
 
 __all__ = [
     "ApiStats",
@@ -136,6 +139,8 @@ class CrmSource(abc.ABC):
     """A CRM that deals are pulled from and finance fields are written back to."""
 
     vendor: ClassVar[str]
+    #: The pydantic model that validates this connector's config block.
+    Settings: ClassVar[type[ConnectorSettings]]
     stats: ApiStats
 
     @classmethod
@@ -176,6 +181,8 @@ class Ledger(abc.ABC):
     """An accounting system that invoices are created in and payments are read from."""
 
     vendor: ClassVar[str]
+    #: The pydantic model that validates this connector's config block.
+    Settings: ClassVar[type[ConnectorSettings]]
     stats: ApiStats
     max_batch: ClassVar[int] = 50
 
