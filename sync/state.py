@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -602,6 +602,9 @@ class _DbTokenStore(TokenStore):
 
     def save(self, connection: str, token: dict[str, Any]) -> None:
         self._store.save_token(connection, token)
+
+    def lock(self, connection: str) -> AbstractContextManager[None]:
+        return self._store.token_lock(connection)
 
 
 class StateStore:

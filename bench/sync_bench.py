@@ -1,0 +1,115 @@
+"""Benchmark: sync N won deals from the HubSpot sandbox into the Xero sandbox under the vendors' limits.
+
+Both sandboxes enforce the documented limits (HubSpot: 100 requests per 10 s, 5 searches per second;
+Xero: 60 calls per minute, 5 concurrent, 5,000 per day) on a clock compressed by ``--time-scale``
+(virtual seconds per real second). The script prints the calls made to each vendor, the wall time, and
+the minimum wall time the limits allow for that many calls, on the same compressed clock, so the ratio
+wall / bound says how close the sync runs to the vendor's ceiling.
+
+    python bench/sync_bench.py --deals 10000 --companies 2000 --lines 3 --time-scale 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from config.schema import ItemMapping, ItemTarget, Pipeline
+from connectors.hubspot.adapter import HubSpotSource
+from connectors.sandboxkit import Clock, serve
+from connectors.xero.adapter import XeroLedger
+from sync.engine import PipelineRunner
+from sync.logging import configure_logging
+from sync.state import StateStore
+
+XERO_MIN, XERO_DAY = 60, 5000
+HUBSPOT_10S, HUBSPOT_SEARCH_S = 100, 5
+
+
+def min_seconds(calls: int, limit: int, window: float) -> float:
+    """Least time N calls need under a sliding window of ``limit`` calls per ``window`` seconds."""
+    return max(math.ceil(calls / limit) - 1, 0) * window
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--deals", type=int, default=10_000)
+    ap.add_argument("--companies", type=int, default=2_000)
+    ap.add_argument("--lines", type=int, default=3)
+    ap.add_argument("--time-scale", type=float, default=20.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from connectors.hubspot.sandbox import HubSpotSandbox
+    from connectors.seedbook import generate_book
+    from connectors.xero.sandbox import DEMO_CLIENT_SECRET, XeroSandbox
+
+    scale = args.time_scale
+    configure_logging("warning", "json")
+    t0 = time.monotonic()
+    book = generate_book(args.seed, companies=args.companies, deals=args.deals, won_share=1.0,
+                         lines_per_deal=args.lines)
+    hs = HubSpotSandbox(seed=args.seed, clock=Clock(scale))
+    hs.load_book(book)
+    xero = XeroSandbox(seed=args.seed, clock=Clock(scale))
+    setup_s = time.monotonic() - t0
+    hs_server, xero_server = serve(hs), serve(xero)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = StateStore.open(f"sqlite:///{Path(tmp) / 'bench.db'}")
+        tokens = store.token_store()
+        crm = HubSpotSource.from_config(
+            {"type": "hubspot", "base_url": hs_server.url, "access_token": "demo-hubspot-token",
+             "time_scale": scale}, tokens)
+        ledger = XeroLedger.from_config(
+            {"type": "xero", "base_url": xero_server.url, "token_url": xero_server.url + "/connect/token",
+             "tenant_id": xero.tenant_id, "client_id": xero.client_id, "client_secret": DEMO_CLIENT_SECRET,
+             "refresh_token": xero.issue_tokens()["refresh_token"], "time_scale": scale}, tokens)
+        pipeline = Pipeline.model_validate({
+            "crm": {"type": "hubspot"}, "ledger": {"type": "xero"},
+            "items": ItemMapping(on_unmapped="default", default=ItemTarget(account_code="706")).model_dump(),
+            "taxes": {"map": {"20": "TAX001", "10": "TAX002", "5.5": "TAX003", "2.1": "TAX004"}},
+            "page_size": 200,
+        })
+        runner = PipelineRunner("bench", pipeline, crm, ledger, store)
+        start = time.monotonic()
+        result = runner.run()
+        wall = time.monotonic() - start
+        store.close()
+    hs_server.stop()
+    xero_server.stop()
+    hs_calls, xero_calls = crm.stats.calls, ledger.stats.calls
+    searches = sum(n for ep, n in crm.stats.by_endpoint.items() if "search" in ep)
+    xero_bound = max(min_seconds(xero_calls, XERO_MIN, 60), min_seconds(xero_calls, XERO_DAY, 86400)) / scale
+    hs_bound = max(min_seconds(hs_calls, HUBSPOT_10S, 10), min_seconds(searches, HUBSPOT_SEARCH_S, 1)) / scale
+    out = {
+        "deals": args.deals, "companies": args.companies, "lines_per_deal": args.lines,
+        "status": result.status, "created": result.counts.get("created", 0),
+        "customers_created": result.counts.get("customers_created", 0),
+        "hubspot_calls": hs_calls, "hubspot_searches": searches, "xero_calls": xero_calls,
+        "xero_calls_by_endpoint": ledger.stats.by_endpoint,
+        "wall_s": round(wall, 2), "time_scale": scale,
+        "xero_min_wall_s": round(xero_bound, 2), "hubspot_min_wall_s": round(hs_bound, 2),
+        "wall_over_xero_bound": round(wall / xero_bound, 3) if xero_bound else None,
+        "sandbox_setup_s": round(setup_s, 2),
+        "rate_limited_responses": {"hubspot": crm.stats.rate_limited, "xero": ledger.stats.rate_limited},
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"synced {out['created']} of {args.deals} won deals ({args.lines} lines each, {args.companies} companies)"
+          f" -> status {result.status}")
+    print(f"HubSpot calls: {hs_calls} ({searches} searches)   Xero calls: {xero_calls}")
+    print(f"wall time: {wall:.2f} s on a clock compressed x{scale:g}")
+    print(f"minimum wall time the Xero limits allow for {xero_calls} calls: {xero_bound:.2f} s "
+          f"(60/min, 5,000/day, same clock); wall / bound = {out['wall_over_xero_bound']}")
+    print(f"minimum wall time the HubSpot limits allow for {hs_calls} calls: {hs_bound:.2f} s")
+    print(f"429 responses received: HubSpot {crm.stats.rate_limited}, Xero {ledger.stats.rate_limited}")
+
+
+if __name__ == "__main__":
+    main()

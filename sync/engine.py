@@ -1,0 +1,486 @@
+"""The sync engine: pull, plan, apply, record, for one pipeline.
+
+One run of a pipeline:
+
+1. **Recover.** Intents left open by an earlier run (a crash, an unanswered write) are resolved by
+   looking their references up in the ledger *before* anything could create again. Found ones are
+   adopted; the rest are re-sent later with the same key when the same batch is rebuilt.
+2. **Rebuild.** When the state store knows nothing of the pipeline (first run, or a lost database), the
+   ledger's invoices carrying this pipeline's references are adopted as links.
+3. **Pull** changed deals page by page since the stored cursor, capped at the run's start; deals that
+   were flagged or left pending are re-read by id first.
+4. **Plan** each deal: create, already invoiced, or flagged with a reason.
+5. **Apply** per batch: intents committed, one ledger call with a deterministic idempotency key, then
+   links, intent states and (after a page's last batch) the cursor in one transaction.
+6. **Record** the run with its counts and API calls.
+
+A cursor never moves past a deal whose invoice is not durably recorded (created, or flagged for a
+person to look at).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+
+from config.schema import Pipeline
+from connectors.domain import Deal, Invoice
+from connectors.errors import AmbiguousWriteError, AuthError, ConnectorError, QuotaExhaustedError
+from connectors.interfaces import (
+    CrmSource,
+    DealPage,
+    InvoiceRequest,
+    Ledger,
+    LedgerCustomer,
+)
+from sync.reconcile import (
+    CustomerIndex,
+    DealProblem,
+    batch_key,
+    build_invoice,
+    customer_number,
+    deal_from_reference,
+    fingerprint,
+    intent_key,
+)
+from sync.state import AuditData, Confirmed, Failed, IntentData, LinkData, StateStore
+
+__all__ = ["DealPlan", "PipelineRunner", "RunResult"]
+
+log = structlog.get_logger("ledgerbridge.engine")
+
+STREAM = "deals"
+
+
+@dataclass
+class DealPlan:
+    """What the engine would do (or did) with one deal."""
+
+    deal_id: str
+    action: Literal["create", "already_invoiced", "flag", "skip"]
+    reason: str = ""
+    detail: str = ""
+    invoice: Invoice | None = None
+    customer_id: str | None = None
+    deal: Deal | None = None
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    pipeline: str
+    status: Literal["ok", "partial", "failed"]
+    counts: Counter[str] = field(default_factory=Counter)
+    api_calls: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    plans: list[DealPlan] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status == "ok" else 1
+
+
+class StopRun(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+Progress = Callable[[str, int], None]
+
+
+class PipelineRunner:
+    """Runs one pipeline: a CRM source feeding a ledger, with its state in ``store``."""
+
+    def __init__(
+        self,
+        name: str,
+        pipeline: Pipeline,
+        crm: CrmSource,
+        ledger: Ledger,
+        store: StateStore,
+        *,
+        now: Callable[[], dt.datetime] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.name = name
+        self.pipeline = pipeline
+        self.crm = crm
+        self.ledger = ledger
+        self.store = store
+        self._now = now or (lambda: dt.datetime.now(dt.UTC))
+        self.progress = progress
+        self._directory: CustomerIndex | None = None
+        self.run_id: str | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # public entry points
+    # ------------------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        """One incremental sync. Never raises for vendor or data problems: they end up in the result."""
+        started = self._now()
+        self.run_id = self.store.start_run(self.name)
+        structlog.contextvars.bind_contextvars(run_id=self.run_id, pipeline=self.name)
+        result = RunResult(self.run_id, self.name, "ok")
+        counts = result.counts
+        try:
+            self._recover(counts)
+            if not self.store.has_any_state(self.name):
+                self._rebuild(counts)
+            for page_deals, cursor in self._pages(started):
+                self._process_page(page_deals, cursor, counts, result)
+        except StopRun as exc:
+            result.status = "failed"
+            result.error = exc.message
+        except (QuotaExhaustedError, AuthError) as exc:
+            result.status = "failed"
+            result.error = str(exc)
+        except AmbiguousWriteError as exc:
+            result.status = "failed"
+            result.error = f"unanswered write, will be resolved by lookup on the next run: {exc}"
+        except ConnectorError as exc:
+            result.status = "failed"
+            result.error = str(exc)
+        if result.status == "ok" and (counts["flagged"] or counts["failed"]):
+            result.status = "partial"
+        result.api_calls = {
+            self.crm.vendor: self.crm.stats.calls,
+            self.ledger.vendor: self.ledger.stats.calls,
+        }
+        self.store.finish_run(self.run_id, result.status, dict(counts), result.api_calls, result.error)
+        log.info(
+            "run finished",
+            status=result.status,
+            error=result.error,
+            **dict(sorted(counts.items())),
+            **{f"{k}_calls": v for k, v in result.api_calls.items()},
+            crm_retries=self.crm.stats.retries,
+            ledger_retries=self.ledger.stats.retries,
+            seconds=round((self._now() - started).total_seconds(), 3),
+        )
+        structlog.contextvars.unbind_contextvars("run_id", "pipeline")
+        return result
+
+    def plan(self) -> RunResult:
+        """Dry run: what the next run would create, skip or flag, with reasons. Writes nothing."""
+        started = self._now()
+        result = RunResult(None, self.name, "ok")
+        pending = {i.crm_id for i in self.store.open_intents(self.name, "invoice")}
+        try:
+            for deals, _cursor in self._pages(started):
+                links = self.store.links(self.name, "deal", [d.crm_id for d in deals])
+                for deal in deals:
+                    p = self._plan_deal(deal, links)
+                    if p.action == "create" and deal.crm_id in pending:
+                        p.detail = "an earlier write is unresolved; the ledger is checked first"
+                    if p.action == "create" and deal.customer is not None:
+                        cust, how = self._resolve_customer_readonly(deal)
+                        p.customer_id = cust
+                        p.detail = p.detail or (f"customer matched by {how}" if cust else "customer will be created")
+                    result.plans.append(p)
+                    result.counts[p.action] += 1
+        except ConnectorError as exc:
+            result.status = "failed"
+            result.error = str(exc)
+        if result.status == "ok" and result.counts["flag"]:
+            result.status = "partial"
+        result.api_calls = {self.crm.vendor: self.crm.stats.calls, self.ledger.vendor: self.ledger.stats.calls}
+        return result
+
+    # ------------------------------------------------------------------------------------------------
+    # recovery and rebuild
+    # ------------------------------------------------------------------------------------------------
+    def _recover(self, counts: Counter[str]) -> None:
+        """Resolve intents an earlier run left open, by looking their references up in the ledger."""
+        open_customers = self.store.open_intents(self.name, "customer")
+        if open_customers:
+            found = self.ledger.find_customers_by_number([i.reference for i in open_customers])
+            rows = []
+            for it in open_customers:
+                lc = found.get(it.reference)
+                if lc is not None:
+                    rows.append(LinkData(kind="customer", crm_id=it.crm_id, ledger_id=lc.ledger_id,
+                                         ledger_number=lc.number, reference=it.reference, fingerprint="",
+                                         revision=it.revision))
+            if rows:
+                self.store.save_links(self.name, "customer", rows)
+                self.store.mark_intents([i.idempotency_key for i in open_customers
+                                         if i.reference in found], "confirmed")
+                counts["customers_adopted"] += len(rows)
+        open_invoices = self.store.open_intents(self.name, "invoice")
+        if not open_invoices:
+            return
+        by_ref = {i.reference: i for i in open_invoices}
+        found_inv = self.ledger.find_invoices_by_reference(list(by_ref))
+        confirmed = []
+        audits = []
+        for ref, inv in found_inv.items():
+            pending = by_ref.get(ref)
+            if pending is None or inv.ledger_id is None:
+                continue
+            confirmed.append(Confirmed(key=pending.idempotency_key, crm_id=pending.crm_id, ledger_id=inv.ledger_id,
+                                       ledger_number=inv.number, reference=ref,
+                                       fingerprint=pending.request_fingerprint, revision=pending.revision))
+            audits.append(AuditData(pipeline=self.name, run_id=self.run_id, action="intent.adopted",
+                                    object_kind="deal", object_id=pending.crm_id, location="ledger",
+                                    before={"state": pending.state},
+                                    after={"ledger_id": inv.ledger_id, "number": inv.number}))
+        if confirmed:
+            self.store.record_outcomes(self.name, self.run_id or "", confirmed=confirmed, failed=[], audits=audits)
+            counts["adopted"] += len(confirmed)
+            log.info("adopted invoices found by reference", count=len(confirmed))
+
+    def _rebuild(self, counts: Counter[str]) -> None:
+        """No state for this pipeline: adopt the ledger invoices that carry its references."""
+        adopted: list[LinkData] = []
+        audits = []
+        for inv in self.ledger.list_invoices(None):
+            deal_id = deal_from_reference(self.pipeline, self.name, inv.reference)
+            if deal_id is None or inv.ledger_id is None or inv.status in ("voided", "deleted"):
+                continue
+            adopted.append(LinkData(kind="deal", crm_id=deal_id, ledger_id=inv.ledger_id, ledger_number=inv.number,
+                                    reference=inv.reference, fingerprint="", revision=1))
+            audits.append(AuditData(pipeline=self.name, run_id=self.run_id, action="invoice.adopted",
+                                    object_kind="deal", object_id=deal_id, location="ledger", before=None,
+                                    after={"ledger_id": inv.ledger_id, "number": inv.number}))
+        if adopted:
+            self.store.save_links(self.name, "deal", adopted)
+            self.store.audit(audits)
+            counts["adopted"] += len(adopted)
+            log.info("rebuilt links from ledger references", count=len(adopted))
+
+    # ------------------------------------------------------------------------------------------------
+    # pulling
+    # ------------------------------------------------------------------------------------------------
+    def _pages(self, until: dt.datetime) -> Iterator[tuple[list[Deal], Any]]:
+        """Deals to look at: first those to re-check (flagged, pending), then the changed ones by page."""
+        recheck = set(self.store.open_flags(self.name))
+        recheck |= {i.crm_id for i in self.store.open_intents(self.name, "invoice")}
+        if recheck:
+            deals = self.crm.get_deals(sorted(recheck))
+            if deals:
+                yield deals, None
+        since = self.store.get_cursor(self.name, STREAM)
+        page: DealPage
+        for page in self.crm.changed_deals(since, until, self.pipeline.page_size):
+            yield page.deals, page.cursor
+
+    # ------------------------------------------------------------------------------------------------
+    # planning
+    # ------------------------------------------------------------------------------------------------
+    def _plan_deal(self, deal: Deal, links: dict[str, Any]) -> DealPlan:
+        link = links.get(deal.crm_id)
+        if not deal.is_won or deal.archived:
+            if link is not None:
+                return DealPlan(deal.crm_id, "flag", "changed_after_invoice",
+                                f"deal {deal.crm_id} is invoiced ({link.ledger_number or link.ledger_id}) "
+                                "but is no longer won", deal=deal) if self._flag_changes() else DealPlan(
+                    deal.crm_id, "already_invoiced", deal=deal)
+            return DealPlan(deal.crm_id, "skip", "not_won", deal=deal)
+        built = build_invoice(deal, self.pipeline, self.name, self._now().date())
+        if link is not None:
+            if isinstance(built, Invoice) and link.fingerprint and self._flag_changes():
+                fp = fingerprint(built, deal.customer.crm_id if deal.customer else None)
+                if fp != link.fingerprint:
+                    return DealPlan(deal.crm_id, "flag", "changed_after_invoice",
+                                    f"deal {deal.crm_id} changed after it was invoiced as "
+                                    f"{link.ledger_number or link.ledger_id}", invoice=built, deal=deal)
+            return DealPlan(deal.crm_id, "already_invoiced", deal=deal)
+        if isinstance(built, DealProblem):
+            return DealPlan(deal.crm_id, "flag", built.reason, built.detail, deal=deal)
+        return DealPlan(deal.crm_id, "create", invoice=built, deal=deal)
+
+    def _flag_changes(self) -> bool:
+        return self.pipeline.invoice.on_change_after_invoice == "flag"
+
+    # ------------------------------------------------------------------------------------------------
+    # customers
+    # ------------------------------------------------------------------------------------------------
+    def _index(self) -> CustomerIndex:
+        if self._directory is None:
+            self._directory = CustomerIndex(self.ledger.list_customers())
+        return self._directory
+
+    def _resolve_customer_readonly(self, deal: Deal) -> tuple[str | None, str]:
+        assert deal.customer is not None
+        link = self.store.links(self.name, "customer", [deal.customer.crm_id]).get(deal.customer.crm_id)
+        if link is not None:
+            return link.ledger_id, "link"
+        number = customer_number(self.pipeline, self.crm.vendor, deal.customer.crm_id)
+        found, how = self._index().match(deal.customer, number, self.pipeline.customers.match)
+        return (found.ledger_id, how) if found else (None, "")
+
+    def _resolve_customers(self, plans: list[DealPlan], counts: Counter[str]) -> None:
+        """Give every planned create a ledger customer id: stored link, match, or creation."""
+        customers = {p.deal.customer.crm_id: p.deal.customer for p in plans
+                     if p.deal is not None and p.deal.customer is not None}
+        if not customers:
+            return
+        links = self.store.links(self.name, "customer", customers)
+        resolved: dict[str, str] = {cid: lk.ledger_id for cid, lk in links.items()}
+        to_match = [c for cid, c in customers.items() if cid not in resolved]
+        new_links: list[LinkData] = []
+        to_create: list[tuple[str, Any]] = []
+        if to_match:
+            index = self._index()
+            for c in to_match:
+                number = customer_number(self.pipeline, self.crm.vendor, c.crm_id)
+                found, how = index.match(c, number, self.pipeline.customers.match)
+                if found is not None:
+                    resolved[c.crm_id] = found.ledger_id
+                    new_links.append(LinkData(kind="customer", crm_id=c.crm_id, ledger_id=found.ledger_id,
+                                              ledger_number=found.number, reference=number, fingerprint=how,
+                                              revision=1))
+                    counts["customers_matched"] += 1
+                elif self.pipeline.customers.create_missing:
+                    to_create.append((number, c))
+        if new_links:
+            self.store.save_links(self.name, "customer", new_links)
+        for start in range(0, len(to_create), self.ledger.max_batch):
+            chunk = to_create[start:start + self.ledger.max_batch]
+            intents = self.store.add_intents([
+                IntentData(pipeline=self.name, kind="customer", crm_id=c.crm_id, revision=1,
+                           idempotency_key=intent_key(self.name, "customer", c.crm_id, 1), reference=number,
+                           request_fingerprint="")
+                for number, c in chunk
+            ])
+            keys = [i.idempotency_key for i in intents]
+            self.store.mark_intents(keys, "sent")
+            created = self.ledger.create_customers(chunk, batch_key(keys))
+            rows = []
+            for number, c in chunk:
+                lc: LedgerCustomer | None = created.get(number)
+                if lc is None:
+                    continue
+                resolved[c.crm_id] = lc.ledger_id
+                rows.append(LinkData(kind="customer", crm_id=c.crm_id, ledger_id=lc.ledger_id,
+                                     ledger_number=lc.number, reference=number, fingerprint="created", revision=1))
+                self._index().add(lc)
+            self.store.save_links(self.name, "customer", rows)
+            done = {r.crm_id for r in rows}
+            self.store.mark_intents([i.idempotency_key for i in intents if i.crm_id in done], "confirmed")
+            self.store.mark_intents([i.idempotency_key for i in intents if i.crm_id not in done], "failed",
+                                    "the ledger did not create this customer")
+            self.store.audit([AuditData(pipeline=self.name, run_id=self.run_id, action="customer.created",
+                                        object_kind="customer", object_id=r.crm_id, location="ledger", before=None,
+                                        after={"ledger_id": r.ledger_id, "number": r.ledger_number}) for r in rows])
+            counts["customers_created"] += len(rows)
+        for p in plans:
+            if p.deal is not None and p.deal.customer is not None:
+                p.customer_id = resolved.get(p.deal.customer.crm_id)
+                if p.customer_id is None:
+                    p.action, p.reason = "flag", "customer_unmatched"
+                    p.detail = (f"deal {p.deal_id}: no ledger customer matches company {p.deal.customer.crm_id} "
+                                f"({p.deal.customer.name}) and creating customers is off or failed")
+
+    # ------------------------------------------------------------------------------------------------
+    # applying
+    # ------------------------------------------------------------------------------------------------
+    def _process_page(self, deals: list[Deal], cursor: Any, counts: Counter[str], result: RunResult) -> None:
+        counts["pulled"] += len(deals)
+        links = self.store.links(self.name, "deal", [d.crm_id for d in deals])
+        seen: set[str] = set()
+        plans: list[DealPlan] = []
+        for deal in deals:
+            if deal.crm_id in seen:
+                continue
+            seen.add(deal.crm_id)
+            if deal.is_won:
+                counts["won"] += 1
+            plans.append(self._plan_deal(deal, links))
+        creates = [p for p in plans if p.action == "create"]
+        self._resolve_customers(creates, counts)
+        flags = [p for p in plans if p.action == "flag"]
+        for p in flags:
+            self.store.flag(self.name, self.run_id or "", p.deal_id, p.reason, p.detail)
+            log.warning("deal flagged", deal=p.deal_id, reason=p.reason, detail=p.detail)
+            counts["flagged"] += 1
+        ok_ids = [p.deal_id for p in plans if p.action in ("already_invoiced", "skip")]
+        counts["already_invoiced"] += sum(1 for p in plans if p.action == "already_invoiced")
+        creates = [p for p in plans if p.action == "create"]
+        batches = [creates[i:i + self.ledger.max_batch] for i in range(0, len(creates), self.ledger.max_batch)]
+        if not batches:
+            self.store.resolve_flags(self.name, ok_ids)
+            if cursor is not None:
+                self.store.record_outcomes(self.name, self.run_id or "", confirmed=[], failed=[],
+                                           cursor=(STREAM, cursor))
+            return
+        for n, batch in enumerate(batches):
+            last = n == len(batches) - 1
+            self._apply_batch(batch, cursor if last else None, counts)
+            if self.progress:
+                self.progress("created", counts["created"])
+        self.store.resolve_flags(self.name, ok_ids + [p.deal_id for p in creates])
+
+    def _apply_batch(self, batch: Sequence[DealPlan], cursor: Any, counts: Counter[str]) -> None:
+        existing = self.store.intents_for(self.name, "invoice", [p.deal_id for p in batch])
+        data: list[IntentData] = []
+        for p in batch:
+            assert p.invoice is not None
+            prev = existing.get(p.deal_id)
+            revision = 1
+            if prev is not None:
+                # A ledger-rejected key must not be reused: the vendor would replay the rejection.
+                revision = prev.revision + 1 if prev.state == "failed" else prev.revision
+            fp = fingerprint(p.invoice, p.deal.customer.crm_id if p.deal and p.deal.customer else None)
+            data.append(IntentData(pipeline=self.name, kind="invoice", crm_id=p.deal_id, revision=revision,
+                                   idempotency_key=intent_key(self.name, "invoice", p.deal_id, revision),
+                                   reference=p.invoice.reference, request_fingerprint=fp))
+        intents = {i.crm_id: i for i in self.store.add_intents(data)}
+        requests = [
+            InvoiceRequest(idempotency_key=intents[p.deal_id].idempotency_key, invoice=p.invoice,
+                           customer_ledger_id=p.customer_id or "")
+            for p in batch if p.invoice is not None
+        ]
+        keys = [r.idempotency_key for r in requests]
+        self.store.mark_intents(keys, "sent")
+        outcomes = self.ledger.create_invoices(requests, batch_key(keys))
+        by_key = {o.idempotency_key: o for o in outcomes}
+        confirmed: list[Confirmed] = []
+        failed: list[Failed] = []
+        audits: list[AuditData] = []
+        for p in batch:
+            it = intents[p.deal_id]
+            o = by_key.get(it.idempotency_key)
+            if o is not None and o.ok and o.invoice is not None and o.invoice.ledger_id:
+                confirmed.append(Confirmed(key=it.idempotency_key, crm_id=p.deal_id, ledger_id=o.invoice.ledger_id,
+                                           ledger_number=o.invoice.number, reference=it.reference,
+                                           fingerprint=it.request_fingerprint, revision=it.revision))
+                after: dict[str, Any] = {"ledger_id": o.invoice.ledger_id, "number": o.invoice.number,
+                                         "total": str(p.invoice.total if p.invoice else ""),
+                                         "currency": p.invoice.currency if p.invoice else None}
+                if o.invoice.ledger_total is not None and p.invoice is not None \
+                        and o.invoice.ledger_total != p.invoice.total:
+                    after["ledger_total"] = str(o.invoice.ledger_total)
+                    after["rounding_difference"] = str(o.invoice.ledger_total - p.invoice.total)
+                audits.append(AuditData(pipeline=self.name, run_id=self.run_id, action="invoice.created",
+                                        object_kind="deal", object_id=p.deal_id, location="ledger",
+                                        before=None, after=after))
+            else:
+                err = (o.error if o is not None else None) or "the ledger returned no result for this invoice"
+                failed.append(Failed(key=it.idempotency_key, crm_id=p.deal_id, error=err))
+                audits.append(AuditData(pipeline=self.name, run_id=self.run_id, action="invoice.rejected",
+                                        object_kind="deal", object_id=p.deal_id, location="ledger",
+                                        before=None, after={"error": err}))
+        self.store.record_outcomes(self.name, self.run_id or "", confirmed=confirmed, failed=failed,
+                                   cursor=(STREAM, cursor) if cursor is not None else None, audits=audits)
+        for f in failed:
+            self.store.flag(self.name, self.run_id or "", f.crm_id, "ledger_rejected", f.error)
+            log.warning("invoice rejected by the ledger", deal=f.crm_id, error=f.error)
+        counts["created"] += len(confirmed)
+        counts["failed"] += len(failed)
+
+
+def summarize_totals(invoices: Iterable[Invoice]) -> dict[str, str]:
+    """Sum of invoice totals per currency, as strings (for summaries)."""
+    from decimal import Decimal
+
+    tot: dict[str, Decimal] = {}
+    for inv in invoices:
+        tot[inv.currency] = tot.get(inv.currency, Decimal(0)) + inv.total
+    return {k: str(v) for k, v in sorted(tot.items())}

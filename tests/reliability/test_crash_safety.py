@@ -1,0 +1,110 @@
+"""Crash safety: SIGKILLed runs, ambiguous writes and a lost state database never duplicate an invoice."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, cli, run_cli, sandbox_process, write_config
+
+pytestmark = pytest.mark.slow
+
+DEALS = 500
+
+
+def _verify_exactly_once(hs_deals: list[dict[str, str]], invoices: list[dict[str, str]], prefix: str) -> None:
+    won = {d["id"]: d for d in hs_deals if d["won"]}
+    assert len(won) == DEALS
+    live = [i for i in invoices if i["Status"] not in ("DELETED", "VOIDED")]
+    refs = Counter(i["Reference"] for i in live)
+    dupes = {r: n for r, n in refs.items() if n > 1}
+    assert not dupes, f"duplicate invoices: {dupes}"
+    assert set(refs) == {f"{prefix}{deal_id}" for deal_id in won}
+    # Every invoice carries exactly its deal's amount (ex-tax), and so do the per-currency totals.
+    by_ref = {i["Reference"]: i for i in live}
+    per_currency_deals: dict[str, Decimal] = {}
+    per_currency_invoices: dict[str, Decimal] = {}
+    for deal_id, d in won.items():
+        inv = by_ref[f"{prefix}{deal_id}"]
+        assert inv["CurrencyCode"] == d["currency"]
+        assert Decimal(inv["SubTotal"]) == Decimal(d["amount"]), (deal_id, inv["SubTotal"], d["amount"])
+        per_currency_deals[d["currency"]] = per_currency_deals.get(d["currency"], Decimal(0)) + Decimal(d["amount"])
+        per_currency_invoices[d["currency"]] = (
+            per_currency_invoices.get(d["currency"], Decimal(0)) + Decimal(inv["SubTotal"])
+        )
+    assert per_currency_deals == per_currency_invoices
+
+
+def test_sigkill_at_random_moments_with_ambiguous_writes_invoices_each_won_deal_once(tmp_path: Path) -> None:
+    """20+ SIGKILLs of `run --once` during a 500-deal sync with dropped-after-commit writes: one invoice per deal."""
+    seed = int(os.environ.get("LEDGERBRIDGE_CRASH_SEED", "20261126"))
+    rng = random.Random(seed)
+    with sandbox_process("hubspot", "--deals", str(DEALS), "--won-share", "1", "--seed", str(seed),
+                         "--faults", "429=0.02,503=0.02", "--time-scale", "10") as hs, \
+         sandbox_process("xero", "--seed", str(seed), "--time-scale", "10",
+                         "--faults", "drop_after_commit=0.25,503=0.03,429=0.02") as xero:
+        token = xero.post("/_sandbox/authorize")["refresh_token"]
+        cfg = write_config(tmp_path / "lb.yaml", hubspot_url=hs.url, xero_url=xero.url, refresh_token=token,
+                           state_url=f"sqlite:///{tmp_path / 'state.db'}", time_scale=10,
+                           extra="    page_size: 25\n")
+        kills = 0
+        launches = 0
+        while kills < 20 and launches < 120:
+            launches += 1
+            proc = subprocess.Popen(cli("run", "--once", "-c", str(cfg)), cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                proc.wait(timeout=rng.uniform(0.8, 4.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+        assert kills >= 20, f"only {kills} runs were still running when killed"
+        # Restart to quiescence: a run that creates nothing and ends clean.
+        for _ in range(15):
+            res = run_cli("run", "--once", "--json", "-c", str(cfg))
+            if res.returncode == 0:
+                break
+        assert res.returncode == 0, res.stdout + res.stderr
+        _verify_exactly_once(hs.get("/_sandbox/deals"), xero.get("/_sandbox/invoices"), "LB-main-")
+        stats = xero.get("/_sandbox/stats")
+        assert stats["faults_injected"].get("drop_after_commit", 0) > 0
+
+
+def test_lost_state_database_is_rebuilt_from_ledger_references(tmp_path: Path) -> None:
+    """Deleting the state database and running again adopts the invoices already in the ledger."""
+    with sandbox_process("hubspot", "--deals", str(DEALS), "--won-share", "1", "--seed", "5",
+                         "--time-scale", "10") as hs, \
+         sandbox_process("xero", "--seed", "5", "--time-scale", "10") as xero:
+        token = xero.post("/_sandbox/authorize")["refresh_token"]
+        db = tmp_path / "state.db"
+        cfg = write_config(tmp_path / "lb.yaml", hubspot_url=hs.url, xero_url=xero.url, refresh_token=token,
+                           state_url=f"sqlite:///{db}", time_scale=10)
+        first = run_cli("run", "--once", "--json", "-c", str(cfg))
+        assert first.returncode == 0, first.stderr
+        before = xero.get("/_sandbox/invoices")
+        assert len(before) == DEALS
+        for f in tmp_path.iterdir():
+            if f.name.startswith("state.db"):
+                f.unlink()
+        # The rotated Xero refresh token lived in the lost database: the connection is re-authorised.
+        token = xero.post("/_sandbox/authorize")["refresh_token"]
+        write_config(cfg, hubspot_url=hs.url, xero_url=xero.url, refresh_token=token,
+                     state_url=f"sqlite:///{db}", time_scale=10)
+        second = run_cli("run", "--once", "--json", "-c", str(cfg))
+        assert second.returncode == 0, second.stderr
+        import json
+
+        counts = json.loads(second.stdout)["main"]["counts"]
+        assert counts.get("created", 0) == 0
+        assert counts["adopted"] == DEALS
+        after = xero.get("/_sandbox/invoices")
+        assert len(after) == DEALS
+        _verify_exactly_once(hs.get("/_sandbox/deals"), after, "LB-main-")

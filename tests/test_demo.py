@@ -1,0 +1,31 @@
+"""The demo: a full sync on the embedded sandboxes, and a second run that creates nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.harness import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_creates_invoices_then_nothing_on_second_run(tmp_path: Path) -> None:
+    """`ledgerbridge demo` invoices every won deal; run again on the same state it creates 0."""
+    first = run_cli("demo", "--dir", str(tmp_path / "demo"), "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    one = json.loads(first.stdout)
+    counts = one["pipelines"]["acme-fr"]["counts"]
+    assert counts["created"] > 100
+    assert counts["created"] == counts["won"]
+    assert counts.get("flagged", 0) == 0
+    assert one["ledger_invoices"] == counts["created"]
+    assert set(one["ledger_totals"]) == {"EUR", "USD"}
+
+    second = run_cli("demo", "--dir", str(tmp_path / "demo"), "--json")
+    assert second.returncode == 0, second.stderr[-3000:]
+    two = json.loads(second.stdout)
+    assert two["pipelines"]["acme-fr"]["counts"].get("created", 0) == 0
+    assert two["ledger_invoices"] == one["ledger_invoices"]
