@@ -46,27 +46,30 @@ def test_sigkill_at_random_moments_with_ambiguous_writes_invoices_each_won_deal_
     """20+ SIGKILLs of `run --once` during a 500-deal sync with dropped-after-commit writes: one invoice per deal."""
     seed = int(os.environ.get("LEDGERBRIDGE_CRASH_SEED", "20261126"))
     rng = random.Random(seed)
+    # Every request is slowed down (latency is listed last so that it never hides the other faults), and
+    # pages are small, so the sync spans many runs and each SIGKILL lands in the middle of real work.
     with sandbox_process("hubspot", "--deals", str(DEALS), "--won-share", "1", "--seed", str(seed),
-                         "--faults", "429=0.02,503=0.02", "--time-scale", "10") as hs, \
+                         "--faults", "429=0.02,503=0.02,latency=1:0.05", "--time-scale", "10") as hs, \
          sandbox_process("xero", "--seed", str(seed), "--time-scale", "10",
-                         "--faults", "drop_after_commit=0.25,503=0.03,429=0.02") as xero:
+                         "--faults", "drop_after_commit=0.2,503=0.03,429=0.02,latency=1:0.15") as xero:
         token = xero.post("/_sandbox/authorize")["refresh_token"]
         cfg = write_config(tmp_path / "lb.yaml", hubspot_url=hs.url, xero_url=xero.url, refresh_token=token,
                            state_url=f"sqlite:///{tmp_path / 'state.db'}", time_scale=10,
-                           extra="    page_size: 25\n")
+                           extra="    page_size: 10\n")
         kills = 0
         launches = 0
-        while kills < 20 and launches < 120:
+        while kills < 20 and launches < 150:
             launches += 1
             proc = subprocess.Popen(cli("run", "--once", "-c", str(cfg)), cwd=REPO,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                proc.wait(timeout=rng.uniform(0.8, 4.0))
+                proc.wait(timeout=rng.uniform(0.5, 3.0))
             except subprocess.TimeoutExpired:
+                in_progress = len(xero.get("/_sandbox/invoices")) < DEALS
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                kills += 1
-        assert kills >= 20, f"only {kills} runs were still running when killed"
+                kills += in_progress
+        assert kills >= 20, f"only {kills} runs were killed while the sync was in progress"
         # Restart to quiescence: a run that creates nothing and ends clean.
         for _ in range(15):
             res = run_cli("run", "--once", "--json", "-c", str(cfg))
