@@ -232,7 +232,8 @@ class VendorHttp:
             "body": resp.text[:500],
         }
         if resp.status_code == 429:
-            return RateLimitedError("rate limited", retry_after=parse_retry_after(resp.headers.get("Retry-After")), **kw)
+            wait = parse_retry_after(resp.headers.get("Retry-After"))
+            return RateLimitedError("rate limited", retry_after=wait, **kw)
         if resp.status_code >= 500:
             return TransientError("server error", retry_after=parse_retry_after(resp.headers.get("Retry-After")), **kw)
         if resp.status_code in (401, 403):

@@ -9,8 +9,10 @@ without touching this package. Adapters raise only :mod:`connectors.errors` type
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -133,6 +135,10 @@ class TokenStore(abc.ABC):
 
     @abc.abstractmethod
     def save(self, connection: str, token: dict[str, Any]) -> None: ...
+
+    def lock(self, connection: str) -> AbstractContextManager[None]:
+        """A lock held while a token is refreshed, across processes where the store can provide one."""
+        return contextlib.nullcontext()
 
 
 class CrmSource(abc.ABC):

@@ -24,7 +24,6 @@ The stored token set is a dict with ``access_token``, ``refresh_token``, ``expir
 from __future__ import annotations
 
 import base64
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping
@@ -146,7 +145,8 @@ class RotatingOAuth2(httpx.Auth):
         self._initial_refresh = SecretStr(initial) if initial else None
         self._now = now
         self._lock = threading.Lock()
-        self._lock_factory: LockFactory = lock_factory or (lambda _name: contextlib.nullcontext())
+        # Without an explicit factory, the token store's own lock (cross-process for the state store).
+        self._lock_factory: LockFactory = lock_factory or store.lock
         self._extra = dict(extra_params or {})
         self._cached: TokenSet | None = None
         self._endpoint = f"POST {urlsplit(token_url).path or '/'}"

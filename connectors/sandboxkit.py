@@ -20,7 +20,10 @@ Every sandbox shares:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
 import random
 import re
 import socket
@@ -30,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -246,7 +250,7 @@ def json_response(status: int, payload: Any, headers: dict[str, str] | None = No
     return SandboxResponse(status, json.dumps(payload, default=str).encode(), h)
 
 
-class DropConnection(Exception):  # noqa: N818 - a control-flow signal, not an error
+class DropConnection(Exception):
     """Raised inside the transport when the sandbox drops the connection without a response."""
 
 
@@ -333,9 +337,7 @@ class SandboxApp:
             return denied
         fault = None if self.is_exempt(req) else self.faults.decide(route.is_write)
         if fault is not None:
-            if fault.kind == "latency":
-                time.sleep(fault.delay)
-            elif fault.kind == "timeout":
+            if fault.kind == "latency" or fault.kind == "timeout":
                 time.sleep(fault.delay)
             elif fault.kind == "drop":
                 raise DropConnection()
@@ -367,6 +369,32 @@ class SandboxApp:
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "faults_injected": dict(self.faults.injected)}
 
+    # -- persistence (the demo keeps its simulated vendors between runs) ---------------------------
+    #: Names of the attributes that hold the vendor's data; subclasses list theirs.
+    state_attrs: tuple[str, ...] = ()
+
+    def save(self, path: Path) -> None:
+        """Write the vendor data to ``path`` atomically (a private file the sandbox itself reads back)."""
+        with self.lock:
+            data = {name: getattr(self, name) for name in self.state_attrs}
+            blob = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> bool:
+        """Restore vendor data saved by :meth:`save`; returns False when there is none."""
+        if not path.exists():
+            return False
+        # The file is one this program wrote into the user's own work directory, never downloaded.
+        data = pickle.loads(path.read_bytes())  # noqa: S301
+        with self.lock:
+            for name in self.state_attrs:
+                if name in data:
+                    setattr(self, name, data[name])
+        return True
+
     # -- httpx integration -----------------------------------------------------------------------
     def handle_httpx(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -396,7 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: SandboxServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Silence the default stderr access log."""
 
     def _dispatch(self) -> None:
@@ -416,10 +444,8 @@ class _Handler(BaseHTTPRequestHandler):
             resp = self.server.app.handle(req)
         except DropConnection:
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             return
         except Exception as exc:  # a sandbox bug must answer 500, not hang the client
             resp = json_response(500, {"message": f"sandbox error: {type(exc).__name__}: {exc}"})
@@ -432,7 +458,7 @@ class _Handler(BaseHTTPRequestHandler):
         if resp.body and resp.status not in (204, 304):
             self.wfile.write(resp.body)
 
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch  # noqa: N815
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
 
 
 class SandboxServer(ThreadingHTTPServer):

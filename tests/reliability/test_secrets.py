@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.hubspot.sandbox import HubSpotSandbox
+from connectors.hubspot.sandbox import _BOOK_STAGE, HubSpotSandbox
 from connectors.sandboxkit import SandboxServer, serve
 from connectors.seedbook import generate_book
 from connectors.xero.sandbox import XeroSandbox
@@ -63,12 +63,16 @@ def test_sync_with_canary_tokens_leaks_nothing(vendors: tuple[HubSpotSandbox, Xe
     assert "401" in bad_crm.stdout + bad_crm.stderr or "auth" in (bad_crm.stdout + bad_crm.stderr).lower()
     outputs.append(bad_crm.stdout + bad_crm.stderr)
 
-    # The Xero refresh tokens are revoked: the run fails asking for re-authorisation.
+    # The Xero refresh tokens are revoked and a deal is won, so the ledger is needed: the run fails
+    # asking for re-authorisation.
     hs.access_tokens = (HS_CANARY,)
+    open_deal = next(d for d in hs.deals_snapshot() if d.get("hs_is_closed") == "false")
+    hs.modify_deal(open_deal["hs_object_id"], dealstage=_BOOK_STAGE[open_deal["pipeline"]]["won"])
     xero.revoke_refresh_tokens()
     xero.expire_access_tokens()
     bad_ledger = run_cli("run", "--once", "-c", str(cfg), env=env)
     assert bad_ledger.returncode == 1
+    assert "re-authorise" in bad_ledger.stdout + bad_ledger.stderr
     outputs.append(bad_ledger.stdout + bad_ledger.stderr)
 
     # validate and status print nothing secret either.
