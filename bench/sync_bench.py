@@ -1,10 +1,11 @@
 """Benchmark: sync N won deals from the HubSpot sandbox into the Xero sandbox under the vendors' limits.
 
-Both sandboxes enforce the documented limits (HubSpot: 100 requests per 10 s, 5 searches per second;
+The two sandboxes run as separate processes (``ledgerbridge sandbox serve``), as the real vendors are
+remote, and enforce the documented limits (HubSpot: 100 requests per 10 s, 5 searches per second;
 Xero: 60 calls per minute, 5 concurrent, 5,000 per day) on a clock compressed by ``--time-scale``
-(virtual seconds per real second). The script prints the calls made to each vendor, the wall time, and
-the minimum wall time the limits allow for that many calls, on the same compressed clock, so the ratio
-wall / bound says how close the sync runs to the vendor's ceiling.
+(virtual seconds per real second). The sync runs in this process. The script prints the calls made to
+each vendor, the wall time, and the minimum wall time the limits allow for that many calls, on the same
+compressed clock, so the ratio wall / bound says how close the sync runs to the vendor's ceiling.
 
     python bench/sync_bench.py --deals 10000 --companies 2000 --lines 3 --time-scale 20
 """
@@ -14,14 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from config.schema import ItemMapping, ItemTarget, Pipeline
+import httpx
+
+from config.schema import Pipeline
 from connectors.hubspot.adapter import HubSpotSource
-from connectors.sandboxkit import Clock, serve
 from connectors.xero.adapter import XeroLedger
+from connectors.xero.sandbox import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_TENANT_ID
 from sync.engine import PipelineRunner
 from sync.logging import configure_logging
 from sync.state import StateStore
@@ -35,6 +40,17 @@ def min_seconds(calls: int, limit: int, window: float) -> float:
     return max(math.ceil(calls / limit) - 1, 0) * window
 
 
+def start_sandbox(vendor: str, *args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "sync.cli", "sandbox", "serve", vendor, "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http://"):
+        proc.kill()
+        raise SystemExit(f"{vendor} sandbox did not start")
+    return proc, url
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deals", type=int, default=10_000)
@@ -44,44 +60,45 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-
-    from connectors.hubspot.sandbox import HubSpotSandbox
-    from connectors.seedbook import generate_book
-    from connectors.xero.sandbox import DEMO_CLIENT_SECRET, XeroSandbox
-
     scale = args.time_scale
     configure_logging("warning", "json")
+
     t0 = time.monotonic()
-    book = generate_book(args.seed, companies=args.companies, deals=args.deals, won_share=1.0,
-                         lines_per_deal=args.lines)
-    hs = HubSpotSandbox(seed=args.seed, clock=Clock(scale))
-    hs.load_book(book)
-    xero = XeroSandbox(seed=args.seed, clock=Clock(scale))
+    hs_proc, hs_url = start_sandbox("hubspot", "--deals", str(args.deals), "--companies", str(args.companies),
+                                    "--lines", str(args.lines), "--won-share", "1", "--seed", str(args.seed),
+                                    "--time-scale", str(scale))
+    xero_proc, xero_url = start_sandbox("xero", "--seed", str(args.seed), "--time-scale", str(scale))
     setup_s = time.monotonic() - t0
-    hs_server, xero_server = serve(hs), serve(xero)
-    with tempfile.TemporaryDirectory() as tmp:
-        store = StateStore.open(f"sqlite:///{Path(tmp) / 'bench.db'}")
-        tokens = store.token_store()
-        crm = HubSpotSource.from_config(
-            {"type": "hubspot", "base_url": hs_server.url, "access_token": "demo-hubspot-token",
-             "time_scale": scale}, tokens)
-        ledger = XeroLedger.from_config(
-            {"type": "xero", "base_url": xero_server.url, "token_url": xero_server.url + "/connect/token",
-             "tenant_id": xero.tenant_id, "client_id": xero.client_id, "client_secret": DEMO_CLIENT_SECRET,
-             "refresh_token": xero.issue_tokens()["refresh_token"], "time_scale": scale}, tokens)
-        pipeline = Pipeline.model_validate({
-            "crm": {"type": "hubspot"}, "ledger": {"type": "xero"},
-            "items": ItemMapping(on_unmapped="default", default=ItemTarget(account_code="706")).model_dump(),
-            "taxes": {"map": {"20": "TAX001", "10": "TAX002", "5.5": "TAX003", "2.1": "TAX004"}},
-            "page_size": 200,
-        })
-        runner = PipelineRunner("bench", pipeline, crm, ledger, store)
-        start = time.monotonic()
-        result = runner.run()
-        wall = time.monotonic() - start
-        store.close()
-    hs_server.stop()
-    xero_server.stop()
+    try:
+        refresh = httpx.post(xero_url + "/_sandbox/authorize", timeout=30).json()["refresh_token"]
+        with tempfile.TemporaryDirectory() as tmp:
+            store = StateStore.open(f"sqlite:///{Path(tmp) / 'bench.db'}")
+            tokens = store.token_store()
+            crm = HubSpotSource.from_config(
+                {"type": "hubspot", "base_url": hs_url, "access_token": "demo-hubspot-token", "time_scale": scale},
+                tokens)
+            ledger = XeroLedger.from_config(
+                {"type": "xero", "base_url": xero_url, "token_url": xero_url + "/connect/token",
+                 "tenant_id": DEMO_TENANT_ID, "client_id": DEMO_CLIENT_ID, "client_secret": DEMO_CLIENT_SECRET,
+                 "refresh_token": refresh, "time_scale": scale}, tokens)
+            pipeline = Pipeline.model_validate({
+                "crm": {"type": "hubspot"}, "ledger": {"type": "xero"},
+                "items": {"on_unmapped": "default", "default": {"account_code": "706"}},
+                "taxes": {"map": {"20": "TAX001", "10": "TAX002", "5.5": "TAX003", "2.1": "TAX004"}},
+                "page_size": 200,
+            })
+            runner = PipelineRunner("bench", pipeline, crm, ledger, store)
+            start = time.monotonic()
+            result = runner.run()
+            wall = time.monotonic() - start
+            store.close()
+        xero_stats = httpx.get(xero_url + "/_sandbox/stats", timeout=30).json()
+    finally:
+        for p in (hs_proc, xero_proc):
+            p.terminate()
+            p.wait(10)
+            if p.stdout is not None:
+                p.stdout.close()
     hs_calls, xero_calls = crm.stats.calls, ledger.stats.calls
     searches = sum(n for ep, n in crm.stats.by_endpoint.items() if "search" in ep)
     xero_bound = max(min_seconds(xero_calls, XERO_MIN, 60), min_seconds(xero_calls, XERO_DAY, 86400)) / scale
@@ -97,13 +114,15 @@ def main() -> None:
         "wall_over_xero_bound": round(wall / xero_bound, 3) if xero_bound else None,
         "sandbox_setup_s": round(setup_s, 2),
         "rate_limited_responses": {"hubspot": crm.stats.rate_limited, "xero": ledger.stats.rate_limited},
+        "xero_sandbox": xero_stats,
     }
     if args.json:
         print(json.dumps(out, indent=2))
         return
     print(f"synced {out['created']} of {args.deals} won deals ({args.lines} lines each, {args.companies} companies)"
           f" -> status {result.status}")
-    print(f"HubSpot calls: {hs_calls} ({searches} searches)   Xero calls: {xero_calls}")
+    print(f"HubSpot calls: {hs_calls} ({searches} searches)   Xero calls: {xero_calls} "
+          f"{dict(sorted(ledger.stats.by_endpoint.items()))}")
     print(f"wall time: {wall:.2f} s on a clock compressed x{scale:g}")
     print(f"minimum wall time the Xero limits allow for {xero_calls} calls: {xero_bound:.2f} s "
           f"(60/min, 5,000/day, same clock); wall / bound = {out['wall_over_xero_bound']}")

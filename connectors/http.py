@@ -78,8 +78,11 @@ class RateBudget:
         *,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
+        slack: float = 0.05,
     ) -> None:
-        self.windows = windows
+        # ``slack`` widens every window a little: the vendor starts counting when a request *arrives*,
+        # after we sent it, so a window that frees exactly on our clock may not yet have freed on theirs.
+        self.windows = [(limit, seconds + slack) for limit, seconds in windows]
         self._hits: list[deque[float]] = [deque() for _ in windows]
         self._lock = threading.Lock()
         self._sem = threading.BoundedSemaphore(concurrency) if concurrency else None

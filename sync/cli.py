@@ -224,13 +224,14 @@ def sandbox_serve(
     ] = None,
     time_scale: Annotated[float, typer.Option(help="Virtual seconds per real second for rate windows")] = 1.0,
     won_share: Annotated[float, typer.Option(help="Share of generated deals that are won")] = 0.45,
+    lines: Annotated[int | None, typer.Option(help="Line items per deal (default: 1 to 4)")] = None,
 ) -> None:
     """Run a vendor simulator on 127.0.0.1 until interrupted. Prints its URL on the first line."""
     from sync.sandboxes import build_sandbox
 
     try:
         sandbox = build_sandbox(vendor, seed=seed, deals=deals, companies=companies, faults=faults,
-                                time_scale=time_scale, won_share=won_share)
+                                time_scale=time_scale, won_share=won_share, lines_per_deal=lines)
     except ValueError as exc:
         raise _fail_input(f"sandbox serve: {exc}") from None
     from connectors.sandboxkit import serve

@@ -20,11 +20,14 @@ person to look at).
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
+import queue
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 
@@ -55,6 +58,7 @@ __all__ = ["DealPlan", "PipelineRunner", "RunResult"]
 log = structlog.get_logger("ledgerbridge.engine")
 
 STREAM = "deals"
+T = TypeVar("T")
 
 
 @dataclass
@@ -267,7 +271,8 @@ class PipelineRunner:
                 yield deals, None
         since = self.store.get_cursor(self.name, STREAM)
         page: DealPage
-        for page in self.crm.changed_deals(since, until, self.pipeline.page_size):
+        # The next pages are pulled from the CRM while the current one is written to the ledger.
+        for page in prefetch(self.crm.changed_deals(since, until, self.pipeline.page_size), depth=2):
             yield page.deals, page.cursor
 
     # ------------------------------------------------------------------------------------------------
@@ -474,6 +479,49 @@ class PipelineRunner:
             log.warning("invoice rejected by the ledger", deal=f.crm_id, error=f.error)
         counts["created"] += len(confirmed)
         counts["failed"] += len(failed)
+
+
+_DONE = object()
+
+
+def prefetch(source: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Iterate ``source`` in a background thread, at most ``depth`` items ahead of the consumer.
+
+    An exception in the producer is re-raised in the consumer; a consumer that stops early stops the
+    producer at its next item.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            q.put(exc)
+
+    ctx = contextvars.copy_context()
+    worker = threading.Thread(target=ctx.run, args=(produce,), name="crm-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=30)
 
 
 def summarize_totals(invoices: Iterable[Invoice]) -> dict[str, str]:

@@ -19,6 +19,7 @@ def build_sandbox(
     faults: str | None = None,
     time_scale: float = 1.0,
     won_share: float = 0.45,
+    lines_per_deal: int | None = None,
     clock: Clock | None = None,
 ) -> SandboxApp:
     """A sandbox of ``vendor``; CRM sandboxes are loaded with a generated book of ``deals`` deals."""
@@ -30,7 +31,8 @@ def build_sandbox(
         sandbox = HubSpotSandbox(seed=seed, faults=faults, clock=clock)
         if deals:
             n_companies = companies if companies is not None else max(deals // 2, 1)
-            sandbox.load_book(generate_book(seed, companies=n_companies, deals=deals, won_share=won_share))
+            sandbox.load_book(generate_book(seed, companies=n_companies, deals=deals, won_share=won_share,
+                                            lines_per_deal=lines_per_deal))
         return sandbox
     if vendor == "xero":
         from connectors.xero.sandbox import XeroSandbox

@@ -224,6 +224,7 @@ class XeroSandbox(SandboxApp):
 
         self._auth_lock = threading.RLock()  # guards the token tables, apart from the vendor data
         self._refresh: dict[str, _RefreshGrant] = {}
+        self._numbers_in_use: set[str] | None = None
         self._access: dict[str, float] = {}
         self.refresh_calls = 0
         self.refresh_rejected = 0
@@ -1302,10 +1303,15 @@ class XeroSandbox(SandboxApp):
         if errors:
             raise _Errors(errors)
         if number is None and inv_type == "ACCREC":
+            # One set of the numbers in use per request keeps a large organisation linear, not quadratic.
+            taken = self._numbers_in_use
+            if taken is None:
+                taken = {i["InvoiceNumber"] for i in self._invoices.values()}
             self._invoice_seq += 1
-            while any(i["InvoiceNumber"] == f"INV-{self._invoice_seq:04d}" for i in self._invoices.values()):
+            while f"INV-{self._invoice_seq:04d}" in taken:
                 self._invoice_seq += 1
             number = f"INV-{self._invoice_seq:04d}"
+            taken.add(number)
         inv: dict[str, Any] = {
             "InvoiceID": self._uuid(),
             "Type": inv_type,
@@ -1377,6 +1383,20 @@ class XeroSandbox(SandboxApp):
         path_id = req.params.get("InvoiceID")
         snapshot = copy.deepcopy((self._invoices, self._contacts, self._invoice_seq)) if self._summarize(req) else None
         results: list[tuple[dict[str, Any], list[str]]] = []
+        self._numbers_in_use = {i["InvoiceNumber"] for i in self._invoices.values()}
+        try:
+            self._save_invoice_elements(elements, results, unitdp, path_id, create_only)
+        finally:
+            self._numbers_in_use = None
+
+        def rollback() -> None:
+            if snapshot is not None:
+                self._invoices, self._contacts, self._invoice_seq = snapshot
+
+        return self._batch(req, "Invoices", results, rollback)
+
+    def _save_invoice_elements(self, elements: list[Any], results: list[tuple[dict[str, Any], list[str]]],
+                               unitdp: int, path_id: str | None, create_only: bool) -> None:
         for element in elements:
             try:
                 existing = None
@@ -1403,12 +1423,6 @@ class XeroSandbox(SandboxApp):
                 results.append((self._echo_invoice(element), [str(exc)]))
             except _Errors as exc:
                 results.append((self._echo_invoice(element), exc.messages))
-
-        def rollback() -> None:
-            if snapshot is not None:
-                self._invoices, self._contacts, self._invoice_seq = snapshot
-
-        return self._batch(req, "Invoices", results, rollback)
 
     # -- payments ----------------------------------------------------------------------------------
     def _render_payment(self, p: Mapping[str, Any]) -> dict[str, Any]:
