@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -78,7 +77,6 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
                     console=console, disable=quiet, transient=False,
                 ) as progress:
                     task = progress.add_task(f"{name}: invoicing won deals", total=won_total)
-                    base = Counter[str]()
 
                     def tick(_what: str, created: int, _task: Any = task, _p: Progress = progress) -> None:
                         _p.update(_task, completed=created)
@@ -86,7 +84,6 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
                     runner.progress = tick
                     res = runner.run()
                     progress.update(task, completed=won_total)
-                    del base
                 results[name] = res
         totals = _ledger_totals(xero)
         elapsed = time.monotonic() - started
@@ -151,5 +148,7 @@ def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, 
         f"Xero now holds {totals['count']} invoices; totals: "
         + ", ".join(f"{v} {k}" for k, v in totals["totals"].items())
     )
+    console.print("HubSpot and Xero were simulated on 127.0.0.1 by LedgerBridge's sandboxes, on the real "
+                  "clock, with the vendors' documented rate limits.")
     console.print(f"Done in {elapsed:.1f} s. State and simulated vendors are kept in {workdir}; "
                   "run the demo again and it creates nothing.")

@@ -121,6 +121,9 @@ class PipelineRunner:
         self.progress = progress
         self._directory: CustomerIndex | None = None
         self.run_id: str | None = None
+        # Deals handled in this run, with the version handled: a deal re-checked first (flagged, pending)
+        # comes again in the changed pages and is not handled twice unless it changed in between.
+        self._seen: dict[str, dt.datetime] = {}
 
     # ------------------------------------------------------------------------------------------------
     # public entry points
@@ -128,6 +131,9 @@ class PipelineRunner:
     def run(self) -> RunResult:
         """One incremental sync. Never raises for vendor or data problems: they end up in the result."""
         started = self._now()
+        # The connectors' counters live as long as the connectors: report this run's share only.
+        base = self._api_counters()
+        self._seen = {}
         self.run_id = self.store.start_run(self.name)
         structlog.contextvars.bind_contextvars(run_id=self.run_id, pipeline=self.name)
         result = RunResult(self.run_id, self.name, "ok")
@@ -152,10 +158,8 @@ class PipelineRunner:
             result.error = str(exc)
         if result.status == "ok" and (counts["flagged"] or counts["failed"]):
             result.status = "partial"
-        result.api_calls = {
-            self.crm.vendor: self.crm.stats.calls,
-            self.ledger.vendor: self.ledger.stats.calls,
-        }
+        spent = {k: v - base[k] for k, v in self._api_counters().items()}
+        result.api_calls = {self.crm.vendor: spent["crm_calls"], self.ledger.vendor: spent["ledger_calls"]}
         self.store.finish_run(self.run_id, result.status, dict(counts), result.api_calls, result.error)
         log.info(
             "run finished",
@@ -163,8 +167,8 @@ class PipelineRunner:
             error=result.error,
             **dict(sorted(counts.items())),
             **{f"{k}_calls": v for k, v in result.api_calls.items()},
-            crm_retries=self.crm.stats.retries,
-            ledger_retries=self.ledger.stats.retries,
+            crm_retries=spent["crm_retries"],
+            ledger_retries=spent["ledger_retries"],
             seconds=round((self._now() - started).total_seconds(), 3),
         )
         structlog.contextvars.unbind_contextvars("run_id", "pipeline")
@@ -173,12 +177,19 @@ class PipelineRunner:
     def plan(self) -> RunResult:
         """Dry run: what the next run would create, skip or flag, with reasons. Writes nothing."""
         started = self._now()
+        base = self._api_counters()
         result = RunResult(None, self.name, "ok")
         pending = {i.crm_id for i in self.store.open_intents(self.name, "invoice")}
+        seen: dict[str, dt.datetime] = {}
         try:
             for deals, _cursor in self._pages(started):
                 links = self.store.links(self.name, "deal", [d.crm_id for d in deals])
                 for deal in deals:
+                    if deal.crm_id in seen and deal.updated_at <= seen[deal.crm_id]:
+                        continue
+                    if deal.crm_id in seen:  # changed since it was first read: show the newer version only
+                        result.plans = [p for p in result.plans if p.deal_id != deal.crm_id]
+                    seen[deal.crm_id] = deal.updated_at
                     p = self._plan_deal(deal, links)
                     if p.action == "create" and deal.crm_id in pending:
                         p.detail = "an earlier write is unresolved; the ledger is checked first"
@@ -193,8 +204,13 @@ class PipelineRunner:
             result.error = str(exc)
         if result.status == "ok" and result.counts["flag"]:
             result.status = "partial"
-        result.api_calls = {self.crm.vendor: self.crm.stats.calls, self.ledger.vendor: self.ledger.stats.calls}
+        result.api_calls = {self.crm.vendor: self.crm.stats.calls - base["crm_calls"],
+                            self.ledger.vendor: self.ledger.stats.calls - base["ledger_calls"]}
         return result
+
+    def _api_counters(self) -> dict[str, int]:
+        return {"crm_calls": self.crm.stats.calls, "ledger_calls": self.ledger.stats.calls,
+                "crm_retries": self.crm.stats.retries, "ledger_retries": self.ledger.stats.retries}
 
     # ------------------------------------------------------------------------------------------------
     # recovery and rebuild
@@ -389,12 +405,12 @@ class PipelineRunner:
     def _process_page(self, deals: list[Deal], cursor: Any, counts: Counter[str], result: RunResult) -> None:
         counts["pulled"] += len(deals)
         links = self.store.links(self.name, "deal", [d.crm_id for d in deals])
-        seen: set[str] = set()
         plans: list[DealPlan] = []
         for deal in deals:
-            if deal.crm_id in seen:
+            handled = self._seen.get(deal.crm_id)
+            if handled is not None and deal.updated_at <= handled:
                 continue
-            seen.add(deal.crm_id)
+            self._seen[deal.crm_id] = deal.updated_at
             if deal.is_won:
                 counts["won"] += 1
             plans.append(self._plan_deal(deal, links))
@@ -415,14 +431,18 @@ class PipelineRunner:
                 self.store.record_outcomes(self.name, self.run_id or "", confirmed=[], failed=[],
                                            cursor=(STREAM, cursor))
             return
+        created: list[str] = []
         for n, batch in enumerate(batches):
             last = n == len(batches) - 1
-            self._apply_batch(batch, cursor if last else None, counts)
+            created += self._apply_batch(batch, cursor if last else None, counts)
             if self.progress:
                 self.progress("created", counts["created"])
-        self.store.resolve_flags(self.name, ok_ids + [p.deal_id for p in creates])
+        # Only deals now invoiced lose their flag: a rejected one keeps the ledger_rejected flag just set,
+        # which is what gets it re-checked once the cursor has moved past it.
+        self.store.resolve_flags(self.name, ok_ids + created)
 
-    def _apply_batch(self, batch: Sequence[DealPlan], cursor: Any, counts: Counter[str]) -> None:
+    def _apply_batch(self, batch: Sequence[DealPlan], cursor: Any, counts: Counter[str]) -> list[str]:
+        """Create one batch of invoices and record the outcomes; returns the deals now invoiced."""
         existing = self.store.intents_for(self.name, "invoice", [p.deal_id for p in batch])
         data: list[IntentData] = []
         for p in batch:
@@ -479,6 +499,7 @@ class PipelineRunner:
             log.warning("invoice rejected by the ledger", deal=f.crm_id, error=f.error)
         counts["created"] += len(confirmed)
         counts["failed"] += len(failed)
+        return [c.crm_id for c in confirmed]
 
 
 _DONE = object()
