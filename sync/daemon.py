@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
@@ -321,8 +321,9 @@ def run_daemon(config: LoadedConfig, *, host: str = "127.0.0.1", port: int = 808
         readiness = Readiness()
         ops = OpsServer(host, port, readiness.problems)
         try:
-            out.write(f"ops {ops.url}\n")
-            out.flush()
+            with suppress(OSError, ValueError):  # a closed standard output must not stop the daemon
+                out.write(f"ops {ops.url}\n")
+                out.flush()
             return _serve(config, ops, readiness, signals)
         finally:
             ops.stop()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from connectors.hubspot.sandbox import HubSpotSandbox
-from connectors.sandboxkit import SandboxServer, serve
+from connectors.sandboxkit import FaultPlan, SandboxServer, serve
 from connectors.seedbook import generate_book
 from connectors.xero.sandbox import XeroSandbox
 from sync.crypto import generate_key
@@ -185,6 +185,40 @@ def test_daemon_restarted_on_the_same_database_creates_nothing_and_stops_on_sigi
     _assert_quiet(first.stderr() + again.stderr())
 
 
+@pytest.mark.timeout(60)
+def test_sigterm_lets_the_run_in_flight_finish_and_a_second_signal_stops_at_once(
+    vendors: Vendors, tmp_path: Path, start_daemon: StartDaemon
+) -> None:
+    """SIGTERM during a run waits for it to finish (exit 0); a second signal ends the process at once (128+n)."""
+    cfg = _config(tmp_path, vendors)
+    store = StateStore.open(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        vendors.xero.faults = FaultPlan("w:latency=1:1.0")  # every ledger write takes a second
+        graceful = start_daemon(cfg, "graceful")
+        assert wait_until(lambda: any(r.status == "running" for r in store.recent_runs(5)), timeout=15)
+        graceful.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert graceful.proc.poll() is None, "the daemon did not wait for the run in flight"
+        assert graceful.proc.wait(30) == 0
+        assert [r.status for r in store.recent_runs(5)] == ["ok"]
+        assert sorted(vendors.invoice_references()) == sorted(vendors.won_references())
+        _assert_quiet(graceful.stderr())
+
+        vendors.xero.faults = FaultPlan(None)
+        vendors.hubspot.faults = FaultPlan("latency=1:1.0")  # now every CRM call takes a second
+        forced = start_daemon(cfg, "forced")
+        assert wait_until(lambda: len(store.recent_runs(5)) == 2, timeout=15)
+        forced.proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert forced.proc.poll() is None
+        code, took = forced.stop(signal.SIGINT)
+        assert code == 128 + signal.SIGINT
+        assert took < 2
+        assert "second signal" in forced.stderr()
+    finally:
+        store.close()
+
+
 def test_daemon_exits_1_with_a_message_when_its_port_is_taken_or_the_state_store_is_down(
     vendors: Vendors, tmp_path: Path
 ) -> None:
@@ -258,6 +292,9 @@ def test_readyz_answers_503_in_bounded_time_when_the_state_store_hangs() -> None
                     assert time.monotonic() - start < 3
                     assert ready.status_code == 503
                     assert "no answer within 0.5 s" in ready.text
+            mute.close()  # the hung probe now fails; the next probes report the refused connection
+            assert wait_until(lambda: readiness.problems() == ["state store unreachable: OperationalError"],
+                              timeout=10)
         finally:
             store.close()
 
