@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from connectors.errors import ConfigError
@@ -77,7 +78,8 @@ def validate(config: ConfigOpt, as_json: JsonOpt = False) -> None:
     if as_json:
         _dump({"valid": True, "pipelines": names})
     else:
-        out.print(f"{config}: valid ({len(names)} pipeline{'s' if len(names) != 1 else ''}: {', '.join(names)})")
+        plural = "s" if len(names) != 1 else ""
+        out.print(f"{escape(str(config))}: valid ({len(names)} pipeline{plural}: {', '.join(names)})")
 
 
 @config_app.command("schema")
@@ -94,7 +96,8 @@ def _plans_table(title: str, plans: list[Any]) -> Table:
         t.add_column(col)
     for p in plans:
         total = f"{p.invoice.total} {p.invoice.currency}" if p.invoice is not None else ""
-        t.add_row(p.deal_id, p.action, p.reason, p.detail, total)
+        # Details quote CRM and vendor text (company names, error messages): never read it as markup.
+        t.add_row(p.deal_id, p.action, p.reason, escape(p.detail), total)
     return t
 
 
@@ -184,6 +187,9 @@ def status(config: ConfigOpt, pipeline: PipelineOpt = None, limit: int = 10, as_
     from sync.state import StateStore
 
     loaded = _load(config)
+    if pipeline is not None and pipeline not in loaded.app.pipelines:
+        known = ", ".join(sorted(loaded.app.pipelines))
+        raise _fail_input(f"{loaded.path}: no pipeline named {pipeline!r} (known: {known})")
     st = loaded.app.state
     store = StateStore.open(st.url, secret_key=st.secret_key.get_secret_value() if st.secret_key else None)
     try:
@@ -200,7 +206,7 @@ def status(config: ConfigOpt, pipeline: PipelineOpt = None, limit: int = 10, as_
         t.add_column(col)
     for r in runs:
         t.add_row(r.id[:8], r.pipeline, r.started_at.isoformat(timespec="seconds"), r.status,
-                  str(r.counts.get("created", 0)), str(r.counts.get("flagged", 0)), (r.error or "")[:80])
+                  str(r.counts.get("created", 0)), str(r.counts.get("flagged", 0)), escape((r.error or "")[:80]))
     out.print(t)
     for name, fl in flags.items():
         if fl:
@@ -208,7 +214,7 @@ def status(config: ConfigOpt, pipeline: PipelineOpt = None, limit: int = 10, as_
             for col in ("deal", "reason", "detail", "since"):
                 ft.add_column(col)
             for f in fl.values():
-                ft.add_row(f.crm_id, f.reason, f.detail, f.first_seen.isoformat(timespec="seconds"))
+                ft.add_row(f.crm_id, f.reason, escape(f.detail), f.first_seen.isoformat(timespec="seconds"))
             out.print(ft)
 
 

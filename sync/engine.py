@@ -134,6 +134,7 @@ class PipelineRunner:
         # The connectors' counters live as long as the connectors: report this run's share only.
         base = self._api_counters()
         self._seen = {}
+        self._directory = None  # the ledger's customers as they are now, not as an earlier run saw them
         self.run_id = self.store.start_run(self.name)
         structlog.contextvars.bind_contextvars(run_id=self.run_id, pipeline=self.name)
         result = RunResult(self.run_id, self.name, "ok")
@@ -180,28 +181,45 @@ class PipelineRunner:
         base = self._api_counters()
         result = RunResult(None, self.name, "ok")
         pending = {i.crm_id for i in self.store.open_intents(self.name, "invoice")}
+        # A deal re-checked first (flagged, pending) may come again in the changed pages: one plan per deal,
+        # made from its latest version.
+        planned: dict[str, DealPlan] = {}
         seen: dict[str, dt.datetime] = {}
         try:
+            # Without state the run first adopts the ledger's invoices by reference: so does the plan.
+            adoptable = {} if self.store.has_any_state(self.name) else {
+                lk.crm_id: lk for lk in self._ledger_links()}
             for deals, _cursor in self._pages(started):
-                links = self.store.links(self.name, "deal", [d.crm_id for d in deals])
+                links: dict[str, Any] = {d.crm_id: adoptable[d.crm_id] for d in deals if d.crm_id in adoptable}
+                links.update(self.store.links(self.name, "deal", [d.crm_id for d in deals]))
                 for deal in deals:
                     if deal.crm_id in seen and deal.updated_at <= seen[deal.crm_id]:
                         continue
-                    if deal.crm_id in seen:  # changed since it was first read: show the newer version only
-                        result.plans = [p for p in result.plans if p.deal_id != deal.crm_id]
                     seen[deal.crm_id] = deal.updated_at
                     p = self._plan_deal(deal, links)
+                    if p.action == "already_invoiced" and deal.crm_id in adoptable:
+                        found = adoptable[deal.crm_id]
+                        p.detail = (f"invoice {found.ledger_number or found.ledger_id} found in the ledger by "
+                                    "reference; it will be adopted")
                     if p.action == "create" and deal.crm_id in pending:
                         p.detail = "an earlier write is unresolved; the ledger is checked first"
                     if p.action == "create" and deal.customer is not None:
                         cust, how = self._resolve_customer_readonly(deal)
                         p.customer_id = cust
-                        p.detail = p.detail or (f"customer matched by {how}" if cust else "customer will be created")
-                    result.plans.append(p)
-                    result.counts[p.action] += 1
+                        if cust is None and not self.pipeline.customers.create_missing:
+                            p.action, p.reason = "flag", "customer_unmatched"
+                            p.detail = (f"deal {deal.crm_id}: no ledger customer matches company "
+                                        f"{deal.customer.crm_id} ({deal.customer.name}) and creating customers is off")
+                        else:
+                            p.detail = p.detail or (f"customer matched by {how}" if cust
+                                                    else "customer will be created")
+                    planned.pop(deal.crm_id, None)
+                    planned[deal.crm_id] = p
         except ConnectorError as exc:
             result.status = "failed"
             result.error = str(exc)
+        result.plans = list(planned.values())
+        result.counts.update(p.action for p in result.plans)
         if result.status == "ok" and result.counts["flag"]:
             result.status = "partial"
         result.api_calls = {self.crm.vendor: self.crm.stats.calls - base["crm_calls"],
@@ -257,22 +275,26 @@ class PipelineRunner:
 
     def _rebuild(self, counts: Counter[str]) -> None:
         """No state for this pipeline: adopt the ledger invoices that carry its references."""
-        adopted: list[LinkData] = []
-        audits = []
-        for inv in self.ledger.list_invoices(None):
-            deal_id = deal_from_reference(self.pipeline, self.name, inv.reference)
-            if deal_id is None or inv.ledger_id is None or inv.status in ("voided", "deleted"):
-                continue
-            adopted.append(LinkData(kind="deal", crm_id=deal_id, ledger_id=inv.ledger_id, ledger_number=inv.number,
-                                    reference=inv.reference, fingerprint="", revision=1))
-            audits.append(AuditData(pipeline=self.name, run_id=self.run_id, action="invoice.adopted",
-                                    object_kind="deal", object_id=deal_id, location="ledger", before=None,
-                                    after={"ledger_id": inv.ledger_id, "number": inv.number}))
+        adopted = self._ledger_links()
+        audits = [AuditData(pipeline=self.name, run_id=self.run_id, action="invoice.adopted", object_kind="deal",
+                            object_id=lk.crm_id, location="ledger", before=None,
+                            after={"ledger_id": lk.ledger_id, "number": lk.ledger_number}) for lk in adopted]
         if adopted:
             self.store.save_links(self.name, "deal", adopted)
             self.store.audit(audits)
             counts["adopted"] += len(adopted)
             log.info("rebuilt links from ledger references", count=len(adopted))
+
+    def _ledger_links(self) -> list[LinkData]:
+        """Links to the live ledger invoices that carry this pipeline's references (read only)."""
+        links: list[LinkData] = []
+        for inv in self.ledger.list_invoices(None):
+            deal_id = deal_from_reference(self.pipeline, self.name, inv.reference)
+            if deal_id is None or inv.ledger_id is None or inv.status in ("voided", "deleted"):
+                continue
+            links.append(LinkData(kind="deal", crm_id=deal_id, ledger_id=inv.ledger_id, ledger_number=inv.number,
+                                  reference=inv.reference, fingerprint="", revision=1))
+        return links
 
     # ------------------------------------------------------------------------------------------------
     # pulling
@@ -305,12 +327,19 @@ class PipelineRunner:
             return DealPlan(deal.crm_id, "skip", "not_won", deal=deal)
         built = build_invoice(deal, self.pipeline, self.name, self._now().date())
         if link is not None:
-            if isinstance(built, Invoice) and link.fingerprint and self._flag_changes():
+            if link.fingerprint and self._flag_changes():
+                invoiced_as = link.ledger_number or link.ledger_id
+                if isinstance(built, DealProblem):
+                    # What was invoiced could be built then; a deal that no longer maps (a new amount, a
+                    # removed company, a new SKU) has changed since.
+                    return DealPlan(deal.crm_id, "flag", "changed_after_invoice",
+                                    f"deal {deal.crm_id} changed after it was invoiced as {invoiced_as}: "
+                                    f"{built.detail}", deal=deal)
                 fp = fingerprint(built, deal.customer.crm_id if deal.customer else None)
                 if fp != link.fingerprint:
                     return DealPlan(deal.crm_id, "flag", "changed_after_invoice",
-                                    f"deal {deal.crm_id} changed after it was invoiced as "
-                                    f"{link.ledger_number or link.ledger_id}", invoice=built, deal=deal)
+                                    f"deal {deal.crm_id} changed after it was invoiced as {invoiced_as}",
+                                    invoice=built, deal=deal)
             return DealPlan(deal.crm_id, "already_invoiced", deal=deal)
         if isinstance(built, DealProblem):
             return DealPlan(deal.crm_id, "flag", built.reason, built.detail, deal=deal)
@@ -362,12 +391,18 @@ class PipelineRunner:
                     to_create.append((number, c))
         if new_links:
             self.store.save_links(self.name, "customer", new_links)
+        # A ledger-rejected key must not be reused: the vendor would replay the rejection, or refuse the
+        # corrected request as a different one under a used key.
+        earlier = self.store.intents_for(self.name, "customer", [c.crm_id for _, c in to_create]) if to_create else {}
+        revisions = {c.crm_id: 1 if (prev := earlier.get(c.crm_id)) is None
+                     else prev.revision + 1 if prev.state == "failed" else prev.revision
+                     for _, c in to_create}
         for start in range(0, len(to_create), self.ledger.max_batch):
             chunk = to_create[start:start + self.ledger.max_batch]
             intents = self.store.add_intents([
-                IntentData(pipeline=self.name, kind="customer", crm_id=c.crm_id, revision=1,
-                           idempotency_key=intent_key(self.name, "customer", c.crm_id, 1), reference=number,
-                           request_fingerprint="")
+                IntentData(pipeline=self.name, kind="customer", crm_id=c.crm_id, revision=revisions[c.crm_id],
+                           idempotency_key=intent_key(self.name, "customer", c.crm_id, revisions[c.crm_id]),
+                           reference=number, request_fingerprint="")
                 for number, c in chunk
             ])
             keys = [i.idempotency_key for i in intents]

@@ -119,13 +119,25 @@ class Sync:
         return self.hs.company_ids_by_book_id()[deal.company_id]
 
 
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[SandboxServer, SandboxServer]]:
+    """One HubSpot and one Xero socket for the module; each test puts its own fresh sandboxes behind them."""
+    hs_server, xero_server = serve(HubSpotSandbox()), serve(XeroSandbox())
+    try:
+        yield hs_server, xero_server
+    finally:
+        hs_server.stop()
+        xero_server.stop()
+
+
 @pytest.fixture
-def sync(tmp_path: Path) -> Iterator[Sync]:
+def sync(tmp_path: Path, servers: tuple[SandboxServer, SandboxServer]) -> Iterator[Sync]:
     book = generate_book(SEED, companies=15, deals=30)
     hs = HubSpotSandbox(seed=SEED, requests_per_10s=10_000, searches_per_s=1_000)
     hs.load_book(book)
     xero = XeroSandbox(seed=SEED, calls_per_minute=10_000)
-    hs_server, xero_server = serve(hs), serve(xero)
+    hs_server, xero_server = servers
+    hs_server.app, xero_server.app = hs, xero
     store = StateStore.open(f"sqlite:///{tmp_path}/s.db")
     env = Sync(hs, xero, hs_server, xero_server, book, tmp_path, store)
     try:
@@ -134,14 +146,21 @@ def sync(tmp_path: Path) -> Iterator[Sync]:
         for close in env.closers:
             close()
         env.store.close()
-        hs_server.stop()
-        xero_server.stop()
 
 
 def _won_with(sync: Sync, pred: Callable[[BookDeal], bool]) -> BookDeal:
     found = [d for d in sync.won if pred(d)]
     assert found, "the seeded book has no such deal"
     return found[0]
+
+
+def _sku_users(sync: Sync) -> dict[str, set[str]]:
+    """SKU -> book ids of the won deals invoicing it."""
+    skus: dict[str, set[str]] = {}
+    for d in sync.won:
+        for ln in effective_lines(d):
+            skus.setdefault(ln.sku, set()).add(d.id)
+    return skus
 
 
 def _plain_deal(sync: Sync) -> BookDeal:
@@ -247,10 +266,7 @@ class FlagCase:
 
 
 def _case_unmapped_item(sync: Sync) -> FlagCase:
-    skus: dict[str, set[str]] = {}
-    for d in sync.won:
-        for ln in effective_lines(d):
-            skus.setdefault(ln.sku, set()).add(d.id)
+    skus = _sku_users(sync)
     sku = next(s for s, ids in sorted(skus.items()) if len(ids) == 1)
     affected = [d for d in sync.won if d.id in skus[sku]]
     items = {k: v for k, v in ITEMS.items() if k != sku}
@@ -299,7 +315,8 @@ def _case_amount_mismatch(sync: Sync) -> FlagCase:
 @pytest.mark.parametrize("make_case", [_case_unmapped_item, _case_unmapped_tax, _case_currency, _case_no_customer,
                                        _case_amount_mismatch],
                          ids=["unmapped_item", "unmapped_tax", "currency", "no_customer", "amount_mismatch"])
-def test_flagged_deal_is_not_invoiced_then_invoiced_once_fixed(sync: Sync, make_case: Callable[[Sync], FlagCase]) -> None:
+def test_flagged_deal_is_not_invoiced_then_invoiced_once_fixed(sync: Sync,
+                                                               make_case: Callable[[Sync], FlagCase]) -> None:
     """A deal that cannot be invoiced is flagged with its reason; once fixed, the next run invoices it."""
     case = make_case(sync)
     affected_ids = {sync.hs_id(d) for d in case.affected}
@@ -324,6 +341,8 @@ def test_flagged_deal_is_not_invoiced_then_invoiced_once_fixed(sync: Sync, make_
     assert (second.status, second.exit_code, second.error) == ("ok", 0, None)
     assert second.counts["created"] == len(case.affected)
     assert second.counts["flagged"] == 0
+    # A repaired deal comes both as a re-check and as a changed deal: it is handled once.
+    assert second.counts["already_invoiced"] == 0
     assert sync.store.open_flags(PIPELINE) == {}
     sync.assert_exactly_once()
     third = sync.run(case.fixed)
@@ -331,27 +350,23 @@ def test_flagged_deal_is_not_invoiced_then_invoiced_once_fixed(sync: Sync, make_
 
 
 def test_unmapped_sku_with_skip_policy_invoices_the_line_without_item(sync: Sync) -> None:
-    """items.on_unmapped=skip invoices an unmapped SKU's line on no item code instead of flagging the deal."""
+    """items.on_unmapped=skip puts an unmapped SKU's line on a draft invoice with no item instead of flagging."""
     sku, ids = next((s, ids) for s, ids in sorted(_sku_users(sync).items()) if len(ids) == 1)
     deal = next(d for d in sync.won if d.id in ids)
     pipeline = Pipeline.model_validate({
-        **make_pipeline().model_dump(), "items": {"on_unmapped": "skip", "map": {k: v for k, v in ITEMS.items()
-                                                                                 if k != sku}}})
+        **make_pipeline(invoice={"status": "draft"}).model_dump(),
+        "items": {"on_unmapped": "skip", "map": {k: v for k, v in ITEMS.items() if k != sku}},
+    })
     res = sync.run(pipeline)
-    assert res.status == "ok"
+    assert (res.status, res.counts["created"]) == ("ok", len(sync.won))
     inv = sync.invoice_of(deal)
     assert inv is not None
-    line = next(ln for ln in inv["LineItems"] if ln["Description"] == next(
-        x.description for x in effective_lines(deal) if x.sku == sku))
+    assert inv["Status"] == "DRAFT"
+    description = next(x.description for x in effective_lines(deal) if x.sku == sku)
+    line = next(ln for ln in inv["LineItems"] if ln["Description"] == description)
     assert not line.get("ItemCode")
-
-
-def _sku_users(sync: Sync) -> dict[str, set[str]]:
-    skus: dict[str, set[str]] = {}
-    for d in sync.won:
-        for ln in effective_lines(d):
-            skus.setdefault(ln.sku, set()).add(d.id)
-    return skus
+    assert not line.get("AccountCode")
+    assert inv["SubTotal"] == deal.amount
 
 
 # ------------------------------------------------------------------------------------------------
@@ -485,7 +500,8 @@ def test_unanswered_write_fails_the_run_then_is_adopted_by_reference(sync: Sync)
     failed = sync.run(ledger=_fast_retry_ledger(sync))
     sync.xero.faults = FaultPlan(None)
     assert (failed.status, failed.exit_code) == ("failed", 1)
-    assert failed.error is not None and "unanswered" in failed.error
+    assert failed.error is not None
+    assert "unanswered" in failed.error
     assert failed.counts["created"] == 0
     assert sync.store.get_cursor(PIPELINE, STREAM) == cursor
     # Xero did commit them, once each; the state store holds them as sent, not linked.
@@ -543,7 +559,8 @@ def test_existing_contact_with_the_same_vat_number_is_used(sync: Sync) -> None:
     assert res.status == "ok"
     assert res.counts["customers_matched"] == 1
     inv = sync.invoice_of(deal)
-    assert inv is not None and inv["ContactID"] == contact.ledger_id
+    assert inv is not None
+    assert inv["ContactID"] == contact.ledger_id
     with_vat = [c for c in sync.xero.contacts() if c.get("TaxNumber") == company.vat_number]
     assert [c["ContactID"] for c in with_vat] == [contact.ledger_id]
     link = sync.store.links(PIPELINE, "customer")[sync.company_hs_id(deal)]
@@ -559,14 +576,19 @@ def test_existing_contact_is_matched_by_name_when_nothing_else_matches(sync: Syn
     res = sync.run()
     assert res.status == "ok"
     inv = sync.invoice_of(deal)
-    assert inv is not None and inv["ContactID"] == contact.ledger_id
+    assert inv is not None
+    assert inv["ContactID"] == contact.ledger_id
     assert sync.store.links(PIPELINE, "customer")[sync.company_hs_id(deal)].fingerprint == "name"
     assert sum(1 for c in sync.xero.contacts() if c["Name"].strip().casefold() == company.name.casefold()) == 1
 
 
 def test_unmatched_customer_is_flagged_when_creating_customers_is_off(sync: Sync) -> None:
     """With create_missing false and no matching contact, every won deal is flagged customer_unmatched."""
-    res = sync.run(make_pipeline(customers={"create_missing": False}))
+    strict = make_pipeline(customers={"create_missing": False})
+    plan = sync.runner(strict).plan()
+    assert (plan.status, plan.counts["create"], plan.counts["flag"]) == ("partial", 0, len(sync.won))
+    assert {p.reason for p in plan.plans if p.action == "flag"} == {"customer_unmatched"}
+    res = sync.run(strict)
     assert (res.status, res.exit_code, res.counts["created"]) == ("partial", 1, 0)
     flags = sync.store.open_flags(PIPELINE)
     assert set(flags) == {sync.hs_id(d) for d in sync.won}
@@ -576,6 +598,35 @@ def test_unmatched_customer_is_flagged_when_creating_customers_is_off(sync: Sync
     # With creation back on, the flagged deals are re-checked and invoiced.
     res = sync.run()
     assert (res.status, res.counts["created"]) == ("ok", len(sync.won))
+    assert sync.store.open_flags(PIPELINE) == {}
+    sync.assert_exactly_once()
+
+
+def test_customer_rejected_by_the_ledger_is_created_once_the_company_is_fixed(sync: Sync) -> None:
+    """A contact Xero refuses flags the deal customer_unmatched; fixed in the CRM, a new key creates it."""
+    deal = _plain_deal(sync)
+    hs_id, company_id = sync.hs_id(deal), sync.company_hs_id(deal)
+    stages = _BOOK_STAGE[sync.hs.properties_of("deals", hs_id)["pipeline"]]
+    sync.hs.modify_deal(hs_id, dealstage=stages["negotiation"])
+    assert sync.run().status == "ok"
+    # The deal is won for a company whose currency the Xero organisation has not enabled.
+    sync.hs.modify("companies", company_id, billing_currency="GBP")
+    sync.hs.modify_deal(hs_id, dealstage=stages["won"])
+    first = sync.run()
+    assert (first.status, first.exit_code) == ("partial", 1)
+    flag = sync.store.open_flags(PIPELINE)[hs_id]
+    assert flag.reason == "customer_unmatched"
+    assert company_id in flag.detail
+    sync.assert_exactly_once([d for d in sync.won if d.id != deal.id])
+    rejected = sync.store.intents_for(PIPELINE, "customer", [company_id])[company_id]
+    assert rejected.state == "failed"
+
+    sync.hs.modify("companies", company_id, billing_currency="EUR")
+    second = sync.run()
+    assert (second.status, second.counts["created"], second.counts["customers_created"]) == ("ok", 1, 1)
+    done = sync.store.intents_for(PIPELINE, "customer", [company_id])[company_id]
+    assert done.state == "confirmed"
+    assert done.idempotency_key != rejected.idempotency_key
     assert sync.store.open_flags(PIPELINE) == {}
     sync.assert_exactly_once()
 
@@ -593,7 +644,13 @@ def test_lost_state_database_adopts_every_invoice_and_creates_none(sync: Sync) -
             f.unlink()
     sync.store = StateStore.open(f"sqlite:///{sync.tmp}/s.db")
     # The rotated refresh token lived in the lost database: someone authorises the app again.
-    res = sync.run(refresh_token=sync.xero.issue_tokens()["refresh_token"])
+    runner = sync.runner(refresh_token=sync.xero.issue_tokens()["refresh_token"])
+    # The plan agrees with the run: nothing to create, every invoice found by its reference.
+    plan = runner.plan()
+    assert (plan.status, plan.counts["create"], plan.counts["already_invoiced"]) == ("ok", 0, len(sync.won))
+    assert all("found in the ledger by reference" in p.detail for p in plan.plans if p.action == "already_invoiced")
+    assert sync.store.links(PIPELINE, "deal") == {}
+    res = runner.run()
     assert (res.status, res.exit_code) == ("ok", 0)
     assert res.counts["adopted"] == len(sync.won)
     assert res.counts["created"] == 0
@@ -622,15 +679,18 @@ def test_plan_writes_nothing_and_explains_its_decisions(sync: Sync) -> None:
     flagged = {d: p for d, p in by_deal.items() if p.action == "flag"}
     assert set(flagged) == set(usd)
     assert {p.reason for p in flagged.values()} == {"currency_not_allowed"}
-    assert res.counts["create"] == len(creates) and res.counts["flag"] == len(usd)
+    assert res.counts["create"] == len(creates)
+    assert res.counts["flag"] == len(usd)
     assert {p.reason for p in by_deal.values() if p.action == "skip"} == {"not_won"}
     # Nothing was written anywhere.
     assert sync.store.get_cursor(PIPELINE, STREAM) is None
-    assert sync.store.links(PIPELINE, "deal") == {} and sync.store.links(PIPELINE, "customer") == {}
+    assert sync.store.links(PIPELINE, "deal") == {}
+    assert sync.store.links(PIPELINE, "customer") == {}
     assert sync.store.intents_for(PIPELINE, "invoice", [p.deal_id for p in res.plans]) == {}
     assert sync.store.open_flags(PIPELINE) == {}
     assert sync.store.recent_runs(10, PIPELINE) == []
-    assert sync.xero.invoices() == [] and sync.xero.contacts() == []
+    assert sync.xero.invoices() == []
+    assert sync.xero.contacts() == []
 
 
 def test_plan_after_a_run_shows_what_changed_and_writes_nothing(sync: Sync) -> None:
@@ -654,3 +714,16 @@ def test_plan_after_a_run_shows_what_changed_and_writes_nothing(sync: Sync) -> N
     assert sync.store.get_cursor(PIPELINE, STREAM) == cursor
     assert len(sync.xero.invoices()) == invoices
     assert sync.store.intents_for(PIPELINE, "invoice", [sync.hs_id(deal)]) == {}
+
+
+def test_plan_lists_a_rechecked_deal_once(sync: Sync) -> None:
+    """A flagged deal that was since repaired (re-checked and changed) is planned once, as a create."""
+    deal = _plain_deal(sync)
+    hs_id = sync.hs_id(deal)
+    sync.hs.modify_deal(hs_id, amount=str(deal.amount + 1))
+    assert sync.run().status == "partial"
+    sync.hs.modify_deal(hs_id, amount=str(deal.amount))
+    res = sync.runner().plan()
+    assert [(p.deal_id, p.action) for p in res.plans] == [(hs_id, "create")]
+    assert dict(res.counts) == {"create": 1}
+    assert (res.status, res.exit_code) == ("ok", 0)
