@@ -47,12 +47,16 @@ def batch_key(keys: Iterable[str]) -> str:
 
 
 def invoice_reference(pipeline: Pipeline, pipeline_name: str, deal_id: str) -> str:
-    """The reference written into the ledger; it is how a lost state database is rebuilt."""
-    return f"{pipeline.invoice.reference_prefix}-{pipeline_name}-{deal_id}"
+    """The reference written into the ledger; it is how a lost state database is rebuilt.
+
+    ``PREFIX-PIPELINE:DEAL``: a colon cannot occur in a pipeline name, so pipelines ``acme`` and
+    ``acme-fr`` sharing one ledger never read each other's references as their own.
+    """
+    return f"{pipeline.invoice.reference_prefix}-{pipeline_name}:{deal_id}"
 
 
 def deal_from_reference(pipeline: Pipeline, pipeline_name: str, reference: str | None) -> str | None:
-    prefix = f"{pipeline.invoice.reference_prefix}-{pipeline_name}-"
+    prefix = f"{pipeline.invoice.reference_prefix}-{pipeline_name}:"
     if reference and reference.startswith(prefix) and len(reference) > len(prefix):
         return reference[len(prefix):]
     return None

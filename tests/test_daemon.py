@@ -35,7 +35,7 @@ class Vendors:
     xero_url: str
 
     def won_references(self) -> set[str]:
-        return {f"LB-main-{d['hs_object_id']}" for d in self.hubspot.deals_snapshot()
+        return {f"LB-main:{d['hs_object_id']}" for d in self.hubspot.deals_snapshot()
                 if d.get("hs_is_closed_won") == "true"}
 
     def invoice_references(self) -> list[str]:

@@ -76,7 +76,7 @@ def test_sigkill_at_random_moments_with_ambiguous_writes_invoices_each_won_deal_
             if res.returncode == 0:
                 break
         assert res.returncode == 0, res.stdout + res.stderr
-        _verify_exactly_once(hs.get("/_sandbox/deals"), xero.get("/_sandbox/invoices"), "LB-main-")
+        _verify_exactly_once(hs.get("/_sandbox/deals"), xero.get("/_sandbox/invoices"), "LB-main:")
         stats = xero.get("/_sandbox/stats")
         assert stats["faults_injected"].get("drop_after_commit", 0) > 0
 
@@ -110,4 +110,4 @@ def test_lost_state_database_is_rebuilt_from_ledger_references(tmp_path: Path) -
         assert counts["adopted"] == DEALS
         after = xero.get("/_sandbox/invoices")
         assert len(after) == DEALS
-        _verify_exactly_once(hs.get("/_sandbox/deals"), after, "LB-main-")
+        _verify_exactly_once(hs.get("/_sandbox/deals"), after, "LB-main:")

@@ -104,7 +104,7 @@ def test_run_once_on_postgresql_invoices_each_won_deal_once_and_stores_tokens_en
     cfg.write_text(text.replace(f"  url: {state_url}\n", f"  url: {state_url}\n  secret_key_file: state.key\n", 1))
     env = {"HUBSPOT_TOKEN": HUBSPOT_TOKEN, "XERO_CLIENT_SECRET": XERO_SECRET}
 
-    won = {f"LB-main-{d['hs_object_id']}" for d in hs.deals_snapshot() if d.get("hs_is_closed_won") == "true"}
+    won = {f"LB-main:{d['hs_object_id']}" for d in hs.deals_snapshot() if d.get("hs_is_closed_won") == "true"}
     assert len(won) >= 10
 
     first = run_cli("run", "--once", "--json", "-c", str(cfg), env=env, timeout=120)

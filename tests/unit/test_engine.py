@@ -97,7 +97,7 @@ class Sync:
         return self.hs.deal_ids_by_book_id()[deal.id]
 
     def reference(self, deal: BookDeal) -> str:
-        return f"LB-{PIPELINE}-{self.hs_id(deal)}"
+        return f"LB-{PIPELINE}:{self.hs_id(deal)}"
 
     def invoice_of(self, deal: BookDeal) -> dict[str, Any] | None:
         return self.xero.invoice_by_reference(self.reference(deal))

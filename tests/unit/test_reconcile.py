@@ -94,7 +94,7 @@ def test_lines_carry_items_accounts_tax_types_and_discount() -> None:
     assert (second.item_code, second.account_code, second.tax_type) == ("HW", "707", "TAX003")
     assert second.tax_amount("EUR") == Decimal("2.74")  # 49.90 x 5.5 % = 2.7445
     assert inv.subtotal == Decimal("219.90")
-    assert inv.reference == "LB-main-901"
+    assert inv.reference == "LB-main:901"
     assert inv.currency == "EUR"
     assert inv.status == "authorised"
 
@@ -193,10 +193,13 @@ def test_reference_round_trips_to_the_deal_id() -> None:
     """invoice_reference and deal_from_reference are inverse; foreign references give None."""
     p = pipeline()
     ref = invoice_reference(p, "main", "10050003723")
-    assert ref == "LB-main-10050003723"
+    assert ref == "LB-main:10050003723"
     assert deal_from_reference(p, "main", ref) == "10050003723"
-    for foreign in (None, "", "LB-main-", "LB-other-1", "XX-main-1", "INV-0001"):
+    for foreign in (None, "", "LB-main:", "LB-other:1", "XX-main:1", "INV-0001", "LB-main-10050003723"):
         assert deal_from_reference(p, "main", foreign) is None
+    # Pipelines whose names prefix each other never claim each other's invoices.
+    assert deal_from_reference(p, "acme", invoice_reference(p, "acme-fr", "123")) is None
+    assert deal_from_reference(p, "acme-fr", invoice_reference(p, "acme-fr", "123")) == "123"
     custom = pipeline(invoice={"reference_prefix": "ACME"})
     assert deal_from_reference(custom, "main", invoice_reference(custom, "main", "7")) == "7"
     assert deal_from_reference(custom, "main", ref) is None
