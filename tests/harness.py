@@ -70,10 +70,21 @@ def sandbox_process(vendor: str, *args: str) -> Iterator[SandboxProc]:
         sp.stop()
 
 
-def write_config(path: Path, *, hubspot_url: str, xero_url: str, refresh_token: str, state_url: str,
+def hubspot_block(url: str, time_scale: float = 1.0) -> str:
+    return f"""\
+      type: hubspot
+      base_url: {url}
+      access_token: ${{HUBSPOT_TOKEN:-demo-hubspot-token}}
+      time_scale: {time_scale}
+"""
+
+
+def write_config(path: Path, *, xero_url: str, refresh_token: str, state_url: str, hubspot_url: str = "",
                  time_scale: float = 1.0, pipeline: str = "main", extra: str = "",
-                 log_level: str = "info") -> Path:
+                 log_level: str = "info", crm_block: str | None = None) -> Path:
+    """A one-pipeline config; the CRM is HubSpot at ``hubspot_url`` unless ``crm_block`` gives another."""
     taxes = "\n".join(f'        "{k}": {v}' for k, v in TAX_MAP.items())
+    crm = crm_block if crm_block is not None else hubspot_block(hubspot_url, time_scale)
     path.write_text(f"""\
 state:
   url: {state_url}
@@ -83,10 +94,7 @@ logging:
 pipelines:
   {pipeline}:
     crm:
-      type: hubspot
-      base_url: {hubspot_url}
-      access_token: ${{HUBSPOT_TOKEN:-demo-hubspot-token}}
-      time_scale: {time_scale}
+{crm.rstrip()}
     ledger:
       type: xero
       base_url: {xero_url}
