@@ -322,7 +322,8 @@ class PipelineRunner:
             if link is not None:
                 return DealPlan(deal.crm_id, "flag", "changed_after_invoice",
                                 f"deal {deal.crm_id} is invoiced ({link.ledger_number or link.ledger_id}) "
-                                "but is no longer won", deal=deal) if self._flag_changes() else DealPlan(
+                                f"but {'was deleted in the CRM' if deal.archived else 'is no longer won'}",
+                                deal=deal) if self._flag_changes() else DealPlan(
                     deal.crm_id, "already_invoiced", deal=deal)
             return DealPlan(deal.crm_id, "skip", "not_won", deal=deal)
         built = build_invoice(deal, self.pipeline, self.name, self._now().date())

@@ -222,11 +222,12 @@ class HubSpotSource(CrmSource):
         crm = self._client.crm
         # Each SDK API object owns a connection pool: build them once, not per call.
         self._batch = crm.objects.batch_api
+        self._basic = crm.objects.basic_api
         self._search = crm.objects.search_api
         self._assoc = crm.associations.v4.batch_api
         self._properties = crm.properties.core_api
         self._groups = crm.properties.groups_api
-        self._apis = (self._batch, self._search, self._assoc, self._properties, self._groups)
+        self._apis = (self._batch, self._basic, self._search, self._assoc, self._properties, self._groups)
         self._company_properties = tuple(dict.fromkeys(p for p in (
             "name", "domain", "website", "address", "address2", "city", "zip", "state", "country",
             "hs_analytics_source", "hs_lastmodifieddate", settings.vat_number_property, settings.siren_property,
@@ -512,6 +513,31 @@ class HubSpotSource(CrmSource):
 
     # -- CrmSource -------------------------------------------------------------------------------------
     def changed_deals(self, since: Cursor | None, until: dt.datetime, page_size: int = 100) -> Iterator[DealPage]:
+        yield from self._changed_live_deals(since, until, page_size)
+        if since is not None:
+            # Search never returns archived (deleted) deals: list those archived since the cursor, so that an
+            # invoiced deal deleted in HubSpot is noticed. They carry no cursor: the pages above cover it.
+            gone = self._archived_deals(since.value, until)
+            for start in range(0, len(gone), page_size):
+                yield DealPage(deals=[self._deal(o, None) for o in gone[start:start + page_size]], cursor=None)
+
+    def _archived_deals(self, after: dt.datetime, until: dt.datetime) -> list[_Obj]:
+        """Deals archived in ``(after, until]``, from the archived listing (newest HubSpot keeps)."""
+        lo, hi = _to_ms(after), _to_ms(until)
+        out: list[_Obj] = []
+        cursor: str | None = None
+        while True:
+            page = self._call("GET /crm/v3/objects/deals", self._basic.get_page, "deals", limit=100, after=cursor,
+                              properties=list(DEAL_PROPERTIES), archived=True)
+            for r in page.get("results") or []:
+                archived_ms = _parse_ms(r.get("archivedAt"))
+                if archived_ms is not None and lo < archived_ms <= hi:
+                    out.append(_Obj.of({**r, "archived": True}))
+            cursor = ((page.get("paging") or {}).get("next") or {}).get("after")
+            if not cursor:
+                return out
+
+    def _changed_live_deals(self, since: Cursor | None, until: dt.datetime, page_size: int) -> Iterator[DealPage]:
         limit = max(1, min(page_size, _MAX_SEARCH_PAGE, self.settings.search_result_cap))
         until_ms = _to_ms(until)
         cur_ts = _to_ms(since.value) if since is not None else None

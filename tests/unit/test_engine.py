@@ -226,14 +226,15 @@ def test_second_run_creates_nothing_and_reads_nothing_past_the_cursor(sync: Sync
     assert again.counts["created"] == 0
     assert again.counts["pulled"] == 0
     assert again.counts["customers_created"] == 0
-    assert again.api_calls["hubspot"] <= 1  # one search that finds nothing after the cursor
+    # One search that finds nothing after the cursor, and one look at the deals archived since it.
+    assert again.api_calls["hubspot"] <= 2
     sync.assert_exactly_once()
     assert len(sync.xero.contacts()) == contacts
     assert sync.store.get_cursor(PIPELINE, STREAM) == cursor
     # The same runner run again reports that run's calls only.
     third = runner.run()
     assert third.counts["pulled"] == 0
-    assert third.api_calls["hubspot"] <= 1
+    assert third.api_calls["hubspot"] <= 2
 
 
 def test_lines_come_from_the_accepted_quote(sync: Sync) -> None:
@@ -727,3 +728,19 @@ def test_plan_lists_a_rechecked_deal_once(sync: Sync) -> None:
     assert [(p.deal_id, p.action) for p in res.plans] == [(hs_id, "create")]
     assert dict(res.counts) == {"create": 1}
     assert (res.status, res.exit_code) == ("ok", 0)
+
+
+def test_an_invoiced_deal_deleted_in_hubspot_is_flagged_not_forgotten(sync: Sync) -> None:
+    """Deleting (archiving) an invoiced deal in the CRM flags it on the next run; nothing is invoiced again."""
+    first = sync.runner().run()
+    assert first.status == "ok"
+    won = [d for d in sync.hs.deals_snapshot() if d.get("hs_is_closed_won") == "true"]
+    victim = won[0]["id"]
+    before = len(sync.xero.invoices())
+    sync.hs.archive_object("deals", victim)
+    again = sync.runner().run()
+    assert again.status == "partial"
+    flags = sync.store.open_flags(PIPELINE)
+    assert flags[victim].reason == "changed_after_invoice"
+    assert "deleted in the CRM" in flags[victim].detail
+    assert len(sync.xero.invoices()) == before
