@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from connectors.sandboxkit import Clock, SandboxApp
 
-__all__ = ["SANDBOX_VENDORS", "build_sandbox"]
+__all__ = ["CRM_SANDBOXES", "SANDBOX_VENDORS", "build_sandbox", "crm_sandbox_settings"]
 
-SANDBOX_VENDORS = ("hubspot", "xero")
+SANDBOX_VENDORS = ("hubspot", "salesforce", "pipedrive", "xero")
+CRM_SANDBOXES = ("hubspot", "salesforce", "pipedrive")
 DEMO_XERO_REFRESH_TOKEN = "demo-refresh-token"
 
 
@@ -24,16 +27,16 @@ def build_sandbox(
 ) -> SandboxApp:
     """A sandbox of ``vendor``; CRM sandboxes are loaded with a generated book of ``deals`` deals."""
     clock = clock or Clock(scale=time_scale)
-    if vendor == "hubspot":
-        from connectors.hubspot.sandbox import HubSpotSandbox
+    if vendor in CRM_SANDBOXES:
         from connectors.seedbook import generate_book
 
-        sandbox = HubSpotSandbox(seed=seed, faults=faults, clock=clock)
+        crm = _crm_sandbox(vendor, seed=seed, faults=faults, clock=clock)
         if deals:
             n_companies = companies if companies is not None else max(deals // 2, 1)
-            sandbox.load_book(generate_book(seed, companies=n_companies, deals=deals, won_share=won_share,
-                                            lines_per_deal=lines_per_deal))
-        return sandbox
+            crm.load_book(generate_book(seed, companies=n_companies, deals=deals, won_share=won_share,
+                                        lines_per_deal=lines_per_deal))
+        built: SandboxApp = crm
+        return built
     if vendor == "xero":
         from connectors.xero.sandbox import XeroSandbox
 
@@ -41,3 +44,31 @@ def build_sandbox(
         # every Xero refresh token, and `POST /_sandbox/authorize` issues fresh ones.
         return XeroSandbox(seed=seed, faults=faults, clock=clock, initial_refresh_token=DEMO_XERO_REFRESH_TOKEN)
     raise ValueError(f"unknown sandbox {vendor!r}; available: {', '.join(SANDBOX_VENDORS)}")
+
+
+def _crm_sandbox(vendor: str, *, seed: int, faults: str | None, clock: Clock) -> Any:
+    if vendor == "hubspot":
+        from connectors.hubspot.sandbox import HubSpotSandbox
+
+        return HubSpotSandbox(seed=seed, faults=faults, clock=clock)
+    if vendor == "salesforce":
+        from connectors.salesforce.sandbox import SalesforceSandbox
+
+        return SalesforceSandbox(seed=seed, faults=faults, clock=clock)
+    from connectors.pipedrive.sandbox import PipedriveSandbox
+
+    return PipedriveSandbox(seed=seed, faults=faults, clock=clock)
+
+
+def crm_sandbox_settings(vendor: str, url: str, *, time_scale: float = 1.0) -> dict[str, Any]:
+    """The ``crm:`` block that points a CRM connector at its sandbox served at ``url``."""
+    if vendor == "hubspot":
+        return {"type": "hubspot", "base_url": url, "access_token": "demo-hubspot-token", "time_scale": time_scale}
+    if vendor == "pipedrive":
+        return {"type": "pipedrive", "base_url": url, "api_token": "demo-pipedrive-token", "time_scale": time_scale}
+    if vendor == "salesforce":
+        from connectors.salesforce.sandbox import sandbox_settings
+
+        block: dict[str, Any] = sandbox_settings(url, time_scale=time_scale)
+        return block
+    raise ValueError(f"unknown CRM sandbox {vendor!r}; available: {', '.join(CRM_SANDBOXES)}")
