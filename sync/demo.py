@@ -1,7 +1,8 @@
-"""``ledgerbridge demo``: a complete sync between simulated HubSpot and Xero accounts.
+"""``ledgerbridge demo``: a complete sync between a simulated CRM and a simulated Xero organisation.
 
-Both sandboxes run in this process on 127.0.0.1, seeded with a generated French SME (a few hundred
-companies, deals across stages, VAT at 20, 10, 5.5 and 2.1 %, mostly EUR and some USD). Their data and
+The CRM is HubSpot by default, or Salesforce or Pipedrive (``--crm``). Both sandboxes run in this process
+on 127.0.0.1; the CRM is seeded with a generated French SME (a few hundred companies, deals across
+stages, VAT at 20, 10, 5.5 and 2.1 %, mostly EUR and some USD), the same book whichever CRM. Their data and
 the state database are kept in ``--dir`` (default ``.ledgerbridge/``), so a second run sees the invoices
 the first one created and creates nothing. The sandboxes run on the real clock with the vendors'
 documented rate limits.
@@ -18,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -44,21 +46,30 @@ def _sandbox(vendor: str, seed: int, snapshot: Path) -> Any:
     return build_sandbox(vendor, seed=seed, deals=DEMO_DEALS, companies=DEMO_COMPANIES)
 
 
-def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: Console) -> int:
+CRM_LABELS = {"hubspot": "HubSpot", "salesforce": "Salesforce", "pipedrive": "Pipedrive"}
+DEMO_PIPELINES = {"hubspot": "acme-fr", "salesforce": "acme-fr-salesforce", "pipedrive": "acme-fr-pipedrive"}
+
+
+def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: Console,
+             crm: str = "hubspot") -> int:
+    if crm not in DEMO_PIPELINES:
+        Console(stderr=True).print(f"demo: unknown CRM {crm!r}; choose one of {', '.join(DEMO_PIPELINES)}",
+                                   markup=False)
+        return 2
     started = time.monotonic()
     workdir = workdir.resolve()
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    snaps = {v: workdir / f"sandbox-{v}-{seed}.bin" for v in ("hubspot", "xero")}
-    hubspot = _sandbox("hubspot", seed, snaps["hubspot"])
+    snaps = {v: workdir / f"sandbox-{v}-{seed}.bin" for v in (crm, "xero")}
+    crm_sandbox = _sandbox(crm, seed, snaps[crm])
     xero = _sandbox("xero", seed, snaps["xero"])
-    hs_server = serve(hubspot)
+    hs_server = serve(crm_sandbox)
     xero_server = serve(xero)
     env = dict(os.environ)
     env.update(
         LEDGERBRIDGE_DEMO_DIR=str(workdir),
-        LEDGERBRIDGE_DEMO_HUBSPOT_URL=hs_server.url,
+        LEDGERBRIDGE_DEMO_CRM_URL=hs_server.url,
         LEDGERBRIDGE_DEMO_XERO_URL=xero_server.url,
     )
     try:
@@ -67,11 +78,11 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
         except ConfigError as exc:
             Console(stderr=True).print(str(exc), markup=False)
             return 2
-        won_total = sum(1 for d in hubspot.deals_snapshot() if d.get("hs_is_closed_won") == "true")
+        won_total = sum(1 for d in httpx.get(hs_server.url + "/_sandbox/deals", timeout=30).json() if d["won"])
         quiet = as_json or not sys.stdout.isatty()
         results: dict[str, Any] = {}
         with open_runtime(loaded) as rt:
-            for name in rt.pipeline_names():
+            for name in rt.pipeline_names(DEMO_PIPELINES[crm]):
                 with rt.runner(name) as runner, Progress(
                     TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, disable=quiet, transient=False,
@@ -101,10 +112,10 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
         if as_json:
             sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         else:
-            _print_summary(console, results, totals, elapsed, workdir)
+            _print_summary(console, results, totals, elapsed, workdir, CRM_LABELS[crm])
         return code
     finally:
-        hubspot.save(snaps["hubspot"])
+        crm_sandbox.save(snaps[crm])
         xero.save(snaps["xero"])
         hs_server.stop()
         xero_server.stop()
@@ -121,13 +132,13 @@ def _ledger_totals(xero: Any) -> dict[str, Any]:
 
 
 def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, Any], elapsed: float,
-                   workdir: Path) -> None:
+                   workdir: Path, crm_label: str) -> None:
     for name, res in results.items():
         t = Table(title=f"LedgerBridge demo: pipeline {name} ({res.status})")
         t.add_column("what")
         t.add_column("count", justify="right")
         labels = [
-            ("pulled", "deals pulled from HubSpot"),
+            ("pulled", f"deals pulled from {crm_label}"),
             ("won", "won deals"),
             ("created", "invoices created in Xero"),
             ("already_invoiced", "already invoiced (skipped)"),
@@ -148,7 +159,7 @@ def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, 
         f"Xero now holds {totals['count']} invoices; totals: "
         + ", ".join(f"{v} {k}" for k, v in totals["totals"].items())
     )
-    console.print("HubSpot and Xero were simulated on 127.0.0.1 by LedgerBridge's sandboxes, on the real "
+    console.print(f"{crm_label} and Xero were simulated on 127.0.0.1 by LedgerBridge's sandboxes, on the real "
                   "clock, with the vendors' documented rate limits.")
     console.print(f"Done in {elapsed:.1f} s. State and simulated vendors are kept in {workdir}; "
                   "run the demo again and it creates nothing.")

@@ -70,6 +70,14 @@ def sandbox_process(vendor: str, *args: str) -> Iterator[SandboxProc]:
         sp.stop()
 
 
+def crm_block(vendor: str, url: str, time_scale: float = 1.0) -> str:
+    """The YAML ``crm:`` block body that points ``vendor``'s connector at its sandbox at ``url``."""
+    from sync.sandboxes import crm_sandbox_settings
+
+    settings = crm_sandbox_settings(vendor, url, time_scale=time_scale)
+    return "".join(f"      {k}: {json.dumps(v)}\n" for k, v in settings.items())
+
+
 def hubspot_block(url: str, time_scale: float = 1.0) -> str:
     return f"""\
       type: hubspot

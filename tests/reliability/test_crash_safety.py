@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, cli, run_cli, sandbox_process, write_config
+from sync.sandboxes import CRM_SANDBOXES
+from tests.harness import REPO, cli, crm_block, run_cli, sandbox_process, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,20 +43,21 @@ def _verify_exactly_once(hs_deals: list[dict[str, str]], invoices: list[dict[str
     assert per_currency_deals == per_currency_invoices
 
 
-def test_sigkill_at_random_moments_with_ambiguous_writes_invoices_each_won_deal_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("crm", CRM_SANDBOXES)
+def test_sigkill_at_random_moments_with_ambiguous_writes_invoices_each_won_deal_once(tmp_path: Path, crm: str) -> None:
     """20+ SIGKILLs of `run --once` during a 500-deal sync with dropped-after-commit writes: one invoice per deal."""
     seed = int(os.environ.get("LEDGERBRIDGE_CRASH_SEED", "20261126"))
     rng = random.Random(seed)
     # Every request is slowed down (latency is listed last so that it never hides the other faults), and
     # pages are small, so the sync spans many runs and each SIGKILL lands in the middle of real work.
-    with sandbox_process("hubspot", "--deals", str(DEALS), "--won-share", "1", "--seed", str(seed),
+    with sandbox_process(crm, "--deals", str(DEALS), "--won-share", "1", "--seed", str(seed),
                          "--faults", "429=0.02,503=0.02,latency=1:0.05", "--time-scale", "10") as hs, \
          sandbox_process("xero", "--seed", str(seed), "--time-scale", "10",
                          "--faults", "drop_after_commit=0.2,503=0.03,429=0.02,latency=1:0.15") as xero:
         token = xero.post("/_sandbox/authorize")["refresh_token"]
-        cfg = write_config(tmp_path / "lb.yaml", hubspot_url=hs.url, xero_url=xero.url, refresh_token=token,
+        cfg = write_config(tmp_path / "lb.yaml", xero_url=xero.url, refresh_token=token,
                            state_url=f"sqlite:///{tmp_path / 'state.db'}", time_scale=10,
-                           extra="    page_size: 10\n")
+                           extra="    page_size: 10\n", crm_block=crm_block(crm, hs.url, 10))
         kills = 0
         launches = 0
         while kills < 20 and launches < 150:
