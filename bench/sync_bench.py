@@ -1,13 +1,14 @@
-"""Benchmark: sync N won deals from the HubSpot sandbox into the Xero sandbox under the vendors' limits.
+"""Benchmark: sync N won deals from a CRM sandbox into the Xero sandbox under the vendors' limits.
 
 The two sandboxes run as separate processes (``ledgerbridge sandbox serve``), as the real vendors are
 remote, and enforce the documented limits (HubSpot: 100 requests per 10 s, 5 searches per second;
-Xero: 60 calls per minute, 5 concurrent, 5,000 per day) on a clock compressed by ``--time-scale``
-(virtual seconds per real second). The sync runs in this process. The script prints the calls made to
-each vendor, the wall time, and the minimum wall time the limits allow for that many calls, on the same
-compressed clock, so the ratio wall / bound says how close the sync runs to the vendor's ceiling.
+Salesforce: the daily allocation; Pipedrive: a burst window of 2 s and a daily token budget; Xero: 60
+calls per minute, 5 concurrent, 5,000 per day) on a clock compressed by ``--time-scale`` (virtual seconds
+per real second). The sync runs in this process. The script prints the calls made to each vendor, the
+wall time, and the minimum wall time the limits allow for that many calls, on the same compressed clock,
+so the ratio wall / bound says how close the sync runs to the vendor's ceiling.
 
-    python bench/sync_bench.py --deals 10000 --companies 2000 --lines 3 --time-scale 20
+    python bench/sync_bench.py --crm hubspot --deals 10000 --companies 2000 --lines 3 --time-scale 20
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from pathlib import Path
 import httpx
 
 from config.schema import Pipeline
-from connectors.hubspot.adapter import HubSpotSource
+from connectors.registry import connector_class
 from connectors.xero.adapter import XeroLedger
 from connectors.xero.sandbox import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_TENANT_ID
 from sync.engine import PipelineRunner
 from sync.logging import configure_logging
+from sync.sandboxes import CRM_SANDBOXES, crm_sandbox_settings
 from sync.state import StateStore
 
 XERO_MIN, XERO_DAY = 60, 5000
 HUBSPOT_10S, HUBSPOT_SEARCH_S = 100, 5
+SALESFORCE_DAY = 100_000
+PIPEDRIVE_BURST_2S = 80  # the sandbox's burst window, as on Pipedrive's higher plans
 
 
 def min_seconds(calls: int, limit: int, window: float) -> float:
@@ -53,6 +57,7 @@ def start_sandbox(vendor: str, *args: str) -> tuple[subprocess.Popen[str], str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--crm", choices=CRM_SANDBOXES, default="hubspot")
     ap.add_argument("--deals", type=int, default=10_000)
     ap.add_argument("--companies", type=int, default=2_000)
     ap.add_argument("--lines", type=int, default=3)
@@ -64,7 +69,7 @@ def main() -> None:
     configure_logging("warning", "json")
 
     t0 = time.monotonic()
-    hs_proc, hs_url = start_sandbox("hubspot", "--deals", str(args.deals), "--companies", str(args.companies),
+    hs_proc, hs_url = start_sandbox(args.crm, "--deals", str(args.deals), "--companies", str(args.companies),
                                     "--lines", str(args.lines), "--won-share", "1", "--seed", str(args.seed),
                                     "--time-scale", str(scale))
     xero_proc, xero_url = start_sandbox("xero", "--seed", str(args.seed), "--time-scale", str(scale))
@@ -74,9 +79,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store = StateStore.open(f"sqlite:///{Path(tmp) / 'bench.db'}")
             tokens = store.token_store()
-            crm = HubSpotSource.from_config(
-                {"type": "hubspot", "base_url": hs_url, "access_token": "demo-hubspot-token", "time_scale": scale},
-                tokens)
+            crm_settings = crm_sandbox_settings(args.crm, hs_url, time_scale=scale)
+            if args.crm == "pipedrive":
+                crm_settings["burst_limit"] = PIPEDRIVE_BURST_2S
+            crm = connector_class("crm", args.crm).from_config(crm_settings, tokens)
             ledger = XeroLedger.from_config(
                 {"type": "xero", "base_url": xero_url, "token_url": xero_url + "/connect/token",
                  "tenant_id": DEMO_TENANT_ID, "client_id": DEMO_CLIENT_ID, "client_secret": DEMO_CLIENT_SECRET,
@@ -102,18 +108,24 @@ def main() -> None:
     hs_calls, xero_calls = crm.stats.calls, ledger.stats.calls
     searches = sum(n for ep, n in crm.stats.by_endpoint.items() if "search" in ep)
     xero_bound = max(min_seconds(xero_calls, XERO_MIN, 60), min_seconds(xero_calls, XERO_DAY, 86400)) / scale
-    hs_bound = max(min_seconds(hs_calls, HUBSPOT_10S, 10), min_seconds(searches, HUBSPOT_SEARCH_S, 1)) / scale
+    if args.crm == "hubspot":
+        hs_bound = max(min_seconds(hs_calls, HUBSPOT_10S, 10), min_seconds(searches, HUBSPOT_SEARCH_S, 1)) / scale
+    elif args.crm == "salesforce":
+        hs_bound = min_seconds(hs_calls, SALESFORCE_DAY, 86400) / scale
+    else:
+        hs_bound = min_seconds(hs_calls, PIPEDRIVE_BURST_2S, 2) / scale
+    crm_name = {"hubspot": "HubSpot", "salesforce": "Salesforce", "pipedrive": "Pipedrive"}[args.crm]
     out = {
-        "deals": args.deals, "companies": args.companies, "lines_per_deal": args.lines,
+        "crm": args.crm, "deals": args.deals, "companies": args.companies, "lines_per_deal": args.lines,
         "status": result.status, "created": result.counts.get("created", 0),
         "customers_created": result.counts.get("customers_created", 0),
-        "hubspot_calls": hs_calls, "hubspot_searches": searches, "xero_calls": xero_calls,
+        "crm_calls": hs_calls, "crm_calls_by_endpoint": crm.stats.by_endpoint, "xero_calls": xero_calls,
         "xero_calls_by_endpoint": ledger.stats.by_endpoint,
         "wall_s": round(wall, 2), "time_scale": scale,
-        "xero_min_wall_s": round(xero_bound, 2), "hubspot_min_wall_s": round(hs_bound, 2),
+        "xero_min_wall_s": round(xero_bound, 2), "crm_min_wall_s": round(hs_bound, 2),
         "wall_over_xero_bound": round(wall / xero_bound, 3) if xero_bound else None,
         "sandbox_setup_s": round(setup_s, 2),
-        "rate_limited_responses": {"hubspot": crm.stats.rate_limited, "xero": ledger.stats.rate_limited},
+        "rate_limited_responses": {args.crm: crm.stats.rate_limited, "xero": ledger.stats.rate_limited},
         "xero_sandbox": xero_stats,
     }
     if args.json:
@@ -121,13 +133,13 @@ def main() -> None:
         return
     print(f"synced {out['created']} of {args.deals} won deals ({args.lines} lines each, {args.companies} companies)"
           f" -> status {result.status}")
-    print(f"HubSpot calls: {hs_calls} ({searches} searches)   Xero calls: {xero_calls} "
+    print(f"{crm_name} calls: {hs_calls}   Xero calls: {xero_calls} "
           f"{dict(sorted(ledger.stats.by_endpoint.items()))}")
     print(f"wall time: {wall:.2f} s on a clock compressed x{scale:g}")
     print(f"minimum wall time the Xero limits allow for {xero_calls} calls: {xero_bound:.2f} s "
           f"(60/min, 5,000/day, same clock); wall / bound = {out['wall_over_xero_bound']}")
-    print(f"minimum wall time the HubSpot limits allow for {hs_calls} calls: {hs_bound:.2f} s")
-    print(f"429 responses received: HubSpot {crm.stats.rate_limited}, Xero {ledger.stats.rate_limited}")
+    print(f"minimum wall time the {crm_name} limits allow for {hs_calls} calls: {hs_bound:.2f} s")
+    print(f"429 responses received: {crm_name} {crm.stats.rate_limited}, Xero {ledger.stats.rate_limited}")
 
 
 if __name__ == "__main__":
