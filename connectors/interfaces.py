@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime as dt
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -38,12 +39,25 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, order=True)
+@functools.total_ordering
+@dataclass(frozen=True)
 class Cursor:
-    """A compound incremental cursor: a timestamp plus the id that breaks ties at equal timestamps."""
+    """A compound incremental cursor: a timestamp plus the id that breaks ties at equal timestamps.
+
+    Cursors order by timestamp, then by id with numeric ids in numeric order ("9" before "18"), as the
+    CRMs hand deals out; ids of one length (Salesforce's 18 characters) order as text.
+    """
 
     value: dt.datetime
     tiebreak: str = ""
+
+    def _key(self) -> tuple[dt.datetime, int, str]:
+        return (self.value, len(self.tiebreak), self.tiebreak)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Cursor):
+            return NotImplemented
+        return self._key() < other._key()
 
 
 @dataclass
@@ -191,6 +205,11 @@ class Ledger(abc.ABC):
     Settings: ClassVar[type[ConnectorSettings]]
     stats: ApiStats
     max_batch: ClassVar[int] = 50
+    #: False when the ledger has no idempotency key for creates (Pennylane): an unanswered create can then
+    #: only be resolved by looking its reference up, and a "not found" is trusted only ``lookup_settle_s``
+    #: seconds after the create was sent (the ledger's search may lag behind its writes).
+    idempotent_creates: ClassVar[bool] = True
+    lookup_settle_s: ClassVar[float] = 0.0
 
     @classmethod
     @abc.abstractmethod

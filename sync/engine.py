@@ -121,6 +121,7 @@ class PipelineRunner:
         self.progress = progress
         self._directory: CustomerIndex | None = None
         self.run_id: str | None = None
+        self._hold: set[str] = set()
         # Deals handled in this run, with the version handled: a deal re-checked first (flagged, pending)
         # comes again in the changed pages and is not handled twice unless it changed in between.
         self._seen: dict[str, dt.datetime] = {}
@@ -135,6 +136,7 @@ class PipelineRunner:
         base = self._api_counters()
         self._seen = {}
         self._directory = None  # the ledger's customers as they are now, not as an earlier run saw them
+        self._hold = set()
         self.run_id = self.store.start_run(self.name)
         structlog.contextvars.bind_contextvars(run_id=self.run_id, pipeline=self.name)
         result = RunResult(self.run_id, self.name, "ok")
@@ -272,6 +274,20 @@ class PipelineRunner:
             self.store.record_outcomes(self.name, self.run_id or "", confirmed=confirmed, failed=[], audits=audits)
             counts["adopted"] += len(confirmed)
             log.info("adopted invoices found by reference", count=len(confirmed))
+        if not self.ledger.idempotent_creates:
+            # Without an idempotency key, a create that got no answer may exist although the lookup cannot
+            # see it yet. Until the ledger's lookup has had time to settle, keep the intent open and create
+            # nothing for that deal; a later run looks again.
+            now = self._now()
+            for it in open_invoices:
+                if it.reference in found_inv or it.state != "sent":
+                    continue
+                if (now - it.updated_at).total_seconds() < self.ledger.lookup_settle_s:
+                    self._hold.add(it.crm_id)
+            if self._hold:
+                counts["awaiting_lookup"] += len(self._hold)
+                log.info("unanswered creates not yet visible in the ledger; re-checked next run",
+                         deals=sorted(self._hold))
 
     def _rebuild(self, counts: Counter[str]) -> None:
         """No state for this pipeline: adopt the ledger invoices that carry its references."""
@@ -449,7 +465,11 @@ class PipelineRunner:
             self._seen[deal.crm_id] = deal.updated_at
             if deal.is_won:
                 counts["won"] += 1
-            plans.append(self._plan_deal(deal, links))
+            plan = self._plan_deal(deal, links)
+            if plan.action == "create" and deal.crm_id in self._hold:
+                # An unanswered create may exist in the ledger: look again next run, never create twice.
+                plan = DealPlan(deal.crm_id, "skip", "awaiting_lookup", deal=deal)
+            plans.append(plan)
         creates = [p for p in plans if p.action == "create"]
         self._resolve_customers(creates, counts)
         flags = [p for p in plans if p.action == "flag"]
@@ -457,7 +477,8 @@ class PipelineRunner:
             self.store.flag(self.name, self.run_id or "", p.deal_id, p.reason, p.detail)
             log.warning("deal flagged", deal=p.deal_id, reason=p.reason, detail=p.detail)
             counts["flagged"] += 1
-        ok_ids = [p.deal_id for p in plans if p.action in ("already_invoiced", "skip")]
+        ok_ids = [p.deal_id for p in plans if p.action == "already_invoiced"
+                  or (p.action == "skip" and p.reason != "awaiting_lookup")]
         counts["already_invoiced"] += sum(1 for p in plans if p.action == "already_invoiced")
         creates = [p for p in plans if p.action == "create"]
         batches = [creates[i:i + self.ledger.max_batch] for i in range(0, len(creates), self.ledger.max_batch)]
