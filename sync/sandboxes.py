@@ -6,10 +6,12 @@ from typing import Any
 
 from connectors.sandboxkit import Clock, SandboxApp
 
-__all__ = ["CRM_SANDBOXES", "SANDBOX_VENDORS", "build_sandbox", "crm_sandbox_settings"]
+__all__ = ["CRM_SANDBOXES", "LEDGER_SANDBOXES", "SANDBOX_VENDORS", "build_sandbox", "crm_sandbox_settings",
+           "ledger_sandbox_settings"]
 
-SANDBOX_VENDORS = ("hubspot", "salesforce", "pipedrive", "xero")
+SANDBOX_VENDORS = ("hubspot", "salesforce", "pipedrive", "xero", "quickbooks", "pennylane")
 CRM_SANDBOXES = ("hubspot", "salesforce", "pipedrive")
+LEDGER_SANDBOXES = ("xero", "quickbooks", "pennylane")
 DEMO_XERO_REFRESH_TOKEN = "demo-refresh-token"
 
 
@@ -43,6 +45,14 @@ def build_sandbox(
         # The refresh token the demo config and the README examples start from; it is single-use like
         # every Xero refresh token, and `POST /_sandbox/authorize` issues fresh ones.
         return XeroSandbox(seed=seed, faults=faults, clock=clock, initial_refresh_token=DEMO_XERO_REFRESH_TOKEN)
+    if vendor == "quickbooks":
+        from connectors.quickbooks.sandbox import DEMO_REFRESH_TOKEN, QuickBooksSandbox
+
+        return QuickBooksSandbox(seed=seed, faults=faults, clock=clock, initial_refresh_token=DEMO_REFRESH_TOKEN)
+    if vendor == "pennylane":
+        from connectors.pennylane.sandbox import PennylaneSandbox
+
+        return PennylaneSandbox(seed=seed, faults=faults, clock=clock)
     raise ValueError(f"unknown sandbox {vendor!r}; available: {', '.join(SANDBOX_VENDORS)}")
 
 
@@ -72,3 +82,31 @@ def crm_sandbox_settings(vendor: str, url: str, *, time_scale: float = 1.0) -> d
         block: dict[str, Any] = sandbox_settings(url, time_scale=time_scale)
         return block
     raise ValueError(f"unknown CRM sandbox {vendor!r}; available: {', '.join(CRM_SANDBOXES)}")
+
+
+def ledger_sandbox_settings(vendor: str, url: str, *, refresh_token: str | None = None,
+                            time_scale: float = 1.0) -> dict[str, Any]:
+    """The ``ledger:`` block that points a ledger connector at its sandbox served at ``url``.
+
+    ``refresh_token`` is one the sandbox issued (``POST /_sandbox/authorize``); without it, the sandbox's
+    demo refresh token, which a fresh sandbox accepts once.
+    """
+    block: dict[str, Any]
+    if vendor == "xero":
+        from connectors.xero.sandbox import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_TENANT_ID
+
+        block = {"type": "xero", "base_url": url, "token_url": url + "/connect/token", "tenant_id": DEMO_TENANT_ID,
+                 "client_id": DEMO_CLIENT_ID, "client_secret": DEMO_CLIENT_SECRET,
+                 "refresh_token": refresh_token or DEMO_XERO_REFRESH_TOKEN, "time_scale": time_scale}
+    elif vendor == "quickbooks":
+        from connectors.quickbooks.sandbox import DEMO_REFRESH_TOKEN
+        from connectors.quickbooks.sandbox import sandbox_settings as qbo
+
+        block = qbo(url, time_scale=time_scale, refresh_token=refresh_token or DEMO_REFRESH_TOKEN)
+    elif vendor == "pennylane":
+        from connectors.pennylane.sandbox import sandbox_settings as pennylane
+
+        block = pennylane(url, time_scale=time_scale)
+    else:
+        raise ValueError(f"unknown ledger sandbox {vendor!r}; available: {', '.join(LEDGER_SANDBOXES)}")
+    return block
