@@ -23,6 +23,7 @@ __all__ = [
     "InvoicePolicy",
     "ItemMapping",
     "ItemTarget",
+    "LedgerSettings",
     "LoggingConfig",
     "Pipeline",
     "Schedule",
@@ -44,6 +45,16 @@ class ConnectorSettings(_Strict):
     type: str
     base_url: str | None = Field(default=None, description="API host; defaults to the vendor's production URL")
     timeout_s: float = Field(default=30.0, gt=0, le=300)
+
+
+class LedgerSettings(ConnectorSettings):
+    """Base of every ledger connector's settings: what is particular to one ledger's chart of taxes."""
+
+    tax_types: dict[Decimal, str] = Field(
+        default_factory=dict,
+        description="Tax rate in percent -> this ledger's tax type or code. Entries here take precedence over "
+        "the pipeline's taxes.map, so one pipeline can move between ledgers by changing only its ledger block",
+    )
 
 
 class ConnectorBlock(BaseModel):

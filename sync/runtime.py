@@ -7,13 +7,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from config.loader import LoadedConfig
+from config.schema import ConnectorSettings, Pipeline
 from connectors.errors import ConfigError
 from connectors.interfaces import CrmSource, Ledger
 from sync.engine import PipelineRunner
 from sync.logging import configure_logging
 from sync.state import StateStore
 
-__all__ = ["Runtime", "open_runtime"]
+__all__ = ["Runtime", "effective_pipeline", "open_runtime"]
+
+
+def effective_pipeline(pipeline: Pipeline, ledger_settings: ConnectorSettings) -> Pipeline:
+    """The pipeline with the ledger block's own tax types laid over its tax map."""
+    tax_types = getattr(ledger_settings, "tax_types", None)
+    if not tax_types:
+        return pipeline
+    taxes = pipeline.taxes.model_copy(update={"map": {**pipeline.taxes.map, **tax_types}})
+    return pipeline.model_copy(update={"taxes": taxes})
 
 
 @dataclass
@@ -32,7 +42,7 @@ class Runtime:
 
     @contextmanager
     def runner(self, name: str) -> Iterator[PipelineRunner]:
-        pipeline = self.config.app.pipelines[name]
+        pipeline = effective_pipeline(self.config.app.pipelines[name], self.config.ledger(name))
         tokens = self.store.token_store()
         crm_cls = self.config.crm_class(name)
         ledger_cls = self.config.ledger_class(name)

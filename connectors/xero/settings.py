@@ -6,12 +6,12 @@ from typing import Literal
 
 from pydantic import Field, SecretStr
 
-from config.schema import ConnectorSettings
+from config.schema import LedgerSettings
 
 __all__ = ["XeroSettings"]
 
 
-class XeroSettings(ConnectorSettings):
+class XeroSettings(LedgerSettings):
     """Xero connection settings.
 
     ``refresh_token`` is only the first refresh token, from the consent flow: Xero rotates it on every
