@@ -1,0 +1,146 @@
+"""QuickBooks Online wire formats shared by the client, the adapter and the sandbox.
+
+- JSON with exact decimals: amounts are read into :class:`~decimal.Decimal` and written from it without
+  passing through ``float``.
+- Timestamps: ``MetaData.LastUpdatedTime`` is ``2024-03-01T00:00:00-07:00`` (seconds, the company's UTC
+  offset, no ``Z``, no fraction); the ``time`` of an answer carries milliseconds.
+- Where LedgerBridge keeps its own keys in a QuickBooks company (see the adapter): the invoice reference
+  in ``PrivateNote`` (and, shortened, in ``DocNumber``), the customer's external number in ``Notes``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import re
+from decimal import Decimal
+from typing import Any
+
+__all__ = [
+    "DOC_NUMBER_MAX",
+    "NUMBER_TAG",
+    "REFERENCE_TAG",
+    "doc_number",
+    "dumps",
+    "loads",
+    "note_value",
+    "parse_datetime",
+    "qbo_datetime",
+    "quote",
+]
+
+DOC_NUMBER_MAX = 21
+#: The line of an invoice's ``PrivateNote`` that carries the full LedgerBridge reference.
+REFERENCE_TAG = "LedgerBridge reference: "
+#: The line of a customer's ``Notes`` that carries the external (CRM) number.
+NUMBER_TAG = "LedgerBridge number: "
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON with every non-integer number as a Decimal."""
+    return json.loads(data, parse_float=Decimal)
+
+
+def _encode(obj: Any, out: list[str]) -> None:
+    if obj is None:
+        out.append("null")
+    elif obj is True:
+        out.append("true")
+    elif obj is False:
+        out.append("false")
+    elif isinstance(obj, Decimal):
+        if not obj.is_finite():
+            raise ValueError("amounts must be finite")
+        text = format(obj, "f")
+        out.append(text[1:] if text.startswith("-") and obj == 0 else text)
+    elif isinstance(obj, int):
+        out.append(str(obj))
+    elif isinstance(obj, float | str):
+        out.append(json.dumps(obj, ensure_ascii=False))
+    elif isinstance(obj, dict):
+        out.append("{")
+        for i, (key, value) in enumerate(obj.items()):
+            if i:
+                out.append(",")
+            out.append(json.dumps(str(key), ensure_ascii=False))
+            out.append(":")
+            _encode(value, out)
+        out.append("}")
+    elif isinstance(obj, list | tuple):
+        out.append("[")
+        for i, value in enumerate(obj):
+            if i:
+                out.append(",")
+            _encode(value, out)
+        out.append("]")
+    elif isinstance(obj, dt.datetime | dt.date):
+        out.append(json.dumps(obj.isoformat()))
+    else:
+        raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def dumps(obj: Any) -> str:
+    """Serialise ``obj`` to JSON; Decimals are written exactly as numbers."""
+    out: list[str] = []
+    _encode(obj, out)
+    return "".join(out)
+
+
+def qbo_datetime(when: dt.datetime, tz: dt.tzinfo | None = None, *, millis: bool = False) -> str:
+    """``2024-03-01T00:00:00-07:00``: seconds (or milliseconds), with the offset of ``tz`` (default UTC)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    local = when.astimezone(tz or dt.UTC)
+    return local.isoformat(timespec="milliseconds" if millis else "seconds")
+
+
+def parse_datetime(value: Any) -> dt.datetime | None:
+    """An aware datetime from a QBO timestamp (offset, ``Z`` or naive = UTC); None when unparseable."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    text = str(value).strip()
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            day = dt.date.fromisoformat(text[:10])
+        except ValueError:
+            return None
+        return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def quote(value: str) -> str:
+    """A string literal of the query language: single quotes, an inner quote escaped with a backslash."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def doc_number(reference: str) -> str:
+    """The ``DocNumber`` (at most 21 characters) that stands for ``reference`` in QuickBooks.
+
+    A reference that fits is used as it is. A longer one becomes ``<digest>~<tail>``: 9 base32 characters
+    of its SHA-256 (45 bits) and the last 11 characters of the reference (the deal id, for people). The
+    full reference is in ``PrivateNote``; a lookup by DocNumber checks it there.
+    """
+    if len(reference) <= DOC_NUMBER_MAX:
+        return reference
+    digest = base64.b32encode(hashlib.sha256(reference.encode()).digest()).decode()[:9]
+    return f"{digest}~{reference[-(DOC_NUMBER_MAX - 10):]}"
+
+
+_TAG_LINE = re.compile(r"^\s*(?P<tag>[^:\n]+:)\s*(?P<value>\S.*?)\s*$", re.MULTILINE)
+
+
+def note_value(note: Any, tag: str) -> str | None:
+    """The value on the line of ``note`` that starts with ``tag`` (``REFERENCE_TAG``, ``NUMBER_TAG``...)."""
+    if not isinstance(note, str) or not note:
+        return None
+    wanted = tag.strip().lower()
+    for m in _TAG_LINE.finditer(note):
+        if m.group("tag").strip().lower() == wanted:
+            return m.group("value")
+    return None
