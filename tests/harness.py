@@ -87,12 +87,46 @@ def hubspot_block(url: str, time_scale: float = 1.0) -> str:
 """
 
 
-def write_config(path: Path, *, xero_url: str, refresh_token: str, state_url: str, hubspot_url: str = "",
-                 time_scale: float = 1.0, pipeline: str = "main", extra: str = "",
-                 log_level: str = "info", crm_block: str | None = None) -> Path:
-    """A one-pipeline config; the CRM is HubSpot at ``hubspot_url`` unless ``crm_block`` gives another."""
+def ledger_block(vendor: str, url: str, refresh_token: str | None, time_scale: float = 1.0) -> str:
+    """The YAML ``ledger:`` block body for ``vendor``'s sandbox at ``url``, with the seeded tax types."""
+    from sync.sandboxes import ledger_sandbox_settings
+
+    settings = ledger_sandbox_settings(vendor, url, refresh_token=refresh_token, time_scale=time_scale)
+    settings["tax_types"] = LEDGER_TAX_TYPES[vendor]
+    return "".join(f"      {k}: {json.dumps(v)}\n" for k, v in settings.items())
+
+
+LEDGER_TAX_TYPES: dict[str, dict[str, str]] = {
+    "xero": {"20": "TAX001", "10": "TAX002", "5.5": "TAX003", "2.1": "TAX004"},
+    "quickbooks": {"20": "2", "10": "3", "5.5": "4", "2.1": "5"},
+    "pennylane": {"20": "FR_200", "10": "FR_100", "5.5": "FR_55", "2.1": "FR_21"},
+}
+
+
+def write_config(path: Path, *, refresh_token: str | None, state_url: str, xero_url: str = "",
+                 hubspot_url: str = "", time_scale: float = 1.0, pipeline: str = "main", extra: str = "",
+                 log_level: str = "info", crm_block: str | None = None, ledger: str | None = None,
+                 ledger_url: str = "") -> Path:
+    """A one-pipeline config: HubSpot at ``hubspot_url`` unless ``crm_block`` gives another CRM, and Xero
+    at ``xero_url`` unless ``ledger`` names another ledger sandbox at ``ledger_url``."""
     taxes = "\n".join(f'        "{k}": {v}' for k, v in TAX_MAP.items())
+    from connectors.seedbook import PRODUCTS
+
+    items = "\n".join(f'        {p.sku}: {{item_code: {p.sku}, account_code: "706"}}' for p in PRODUCTS)
     crm = crm_block if crm_block is not None else hubspot_block(hubspot_url, time_scale)
+    if ledger is None or ledger == "xero":
+        ledger_text = f"""\
+      type: xero
+      base_url: {xero_url or ledger_url}
+      token_url: {xero_url or ledger_url}/connect/token
+      tenant_id: {XERO_TENANT}
+      client_id: {XERO_CLIENT_ID}
+      client_secret: ${{XERO_CLIENT_SECRET:-demo-client-secret}}
+      refresh_token: {refresh_token}
+      time_scale: {time_scale}
+"""
+    else:
+        ledger_text = ledger_block(ledger, ledger_url, refresh_token, time_scale)
     path.write_text(f"""\
 state:
   url: {state_url}
@@ -104,18 +138,13 @@ pipelines:
     crm:
 {crm.rstrip()}
     ledger:
-      type: xero
-      base_url: {xero_url}
-      token_url: {xero_url}/connect/token
-      tenant_id: {XERO_TENANT}
-      client_id: {XERO_CLIENT_ID}
-      client_secret: ${{XERO_CLIENT_SECRET:-demo-client-secret}}
-      refresh_token: {refresh_token}
-      time_scale: {time_scale}
+{ledger_text.rstrip()}
     items:
       on_unmapped: default
       default:
         account_code: "706"
+      map:
+{items}
     taxes:
       map:
 {taxes}

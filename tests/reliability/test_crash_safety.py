@@ -6,13 +6,14 @@ import os
 import random
 import signal
 import subprocess
+import time
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from sync.sandboxes import CRM_SANDBOXES
+from sync.sandboxes import CRM_SANDBOXES, LEDGER_SANDBOXES
 from tests.harness import REPO, cli, crm_block, run_cli, sandbox_process, write_config
 
 pytestmark = pytest.mark.slow
@@ -43,19 +44,18 @@ def _verify_exactly_once(hs_deals: list[dict[str, str]], invoices: list[dict[str
     assert per_currency_deals == per_currency_invoices
 
 
-@pytest.mark.parametrize("crm", CRM_SANDBOXES)
-def test_sigkill_at_random_moments_with_ambiguous_writes_invoices_each_won_deal_once(tmp_path: Path, crm: str) -> None:
-    """20+ SIGKILLs of `run --once` during a 500-deal sync with dropped-after-commit writes: one invoice per deal."""
+def _crash_loop(tmp_path: Path, crm: str, ledger: str) -> None:
+    """SIGKILL `run --once` at random moments until 20 kills landed mid-sync, then run to quiescence."""
     seed = int(os.environ.get("LEDGERBRIDGE_CRASH_SEED", "20261126"))
     rng = random.Random(seed)
     # Every request is slowed down (latency is listed last so that it never hides the other faults), and
     # pages are small, so the sync spans many runs and each SIGKILL lands in the middle of real work.
     with sandbox_process(crm, "--deals", str(DEALS), "--won-share", "1", "--seed", str(seed),
                          "--faults", "429=0.02,503=0.02,latency=1:0.05", "--time-scale", "10") as hs, \
-         sandbox_process("xero", "--seed", str(seed), "--time-scale", "10",
-                         "--faults", "drop_after_commit=0.2,503=0.03,429=0.02,latency=1:0.15") as xero:
-        token = xero.post("/_sandbox/authorize")["refresh_token"]
-        cfg = write_config(tmp_path / "lb.yaml", xero_url=xero.url, refresh_token=token,
+         sandbox_process(ledger, "--seed", str(seed), "--time-scale", "10",
+                         "--faults", "drop_after_commit=0.2,503=0.03,429=0.02,latency=1:0.15") as books:
+        token = books.post("/_sandbox/authorize").get("refresh_token")
+        cfg = write_config(tmp_path / "lb.yaml", ledger=ledger, ledger_url=books.url, refresh_token=token,
                            state_url=f"sqlite:///{tmp_path / 'state.db'}", time_scale=10,
                            extra="    page_size: 10\n", crm_block=crm_block(crm, hs.url, 10))
         kills = 0
@@ -67,31 +67,46 @@ def test_sigkill_at_random_moments_with_ambiguous_writes_invoices_each_won_deal_
             try:
                 proc.wait(timeout=rng.uniform(0.5, 3.0))
             except subprocess.TimeoutExpired:
-                in_progress = len(xero.get("/_sandbox/invoices")) < DEALS
+                in_progress = len(books.get("/_sandbox/invoices")) < DEALS
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += in_progress
         assert kills >= 20, f"only {kills} runs were killed while the sync was in progress"
-        # Restart to quiescence: a run that creates nothing and ends clean.
-        for _ in range(15):
+        # Restart to quiescence: a run that creates nothing and ends clean (a ledger without idempotency
+        # keys may hold an unanswered create for a few runs until its lookup can be trusted).
+        for _ in range(30):
             res = run_cli("run", "--once", "--json", "-c", str(cfg))
-            if res.returncode == 0:
+            if res.returncode == 0 and '"awaiting_lookup"' not in res.stdout:
                 break
+            time.sleep(0.5)
         assert res.returncode == 0, res.stdout + res.stderr
-        _verify_exactly_once(hs.get("/_sandbox/deals"), xero.get("/_sandbox/invoices"), "LB-main:")
-        stats = xero.get("/_sandbox/stats")
+        _verify_exactly_once(hs.get("/_sandbox/deals"), books.get("/_sandbox/invoices"), "LB-main:")
+        stats = books.get("/_sandbox/stats")
         assert stats["faults_injected"].get("drop_after_commit", 0) > 0
 
 
-def test_lost_state_database_is_rebuilt_from_ledger_references(tmp_path: Path) -> None:
+@pytest.mark.parametrize("crm", CRM_SANDBOXES)
+def test_sigkill_at_random_moments_with_ambiguous_writes_invoices_each_won_deal_once(tmp_path: Path, crm: str) -> None:
+    """20+ SIGKILLs of `run --once` during a 500-deal sync into Xero with dropped-after-commit writes."""
+    _crash_loop(tmp_path, crm, "xero")
+
+
+@pytest.mark.parametrize("ledger", [lg for lg in LEDGER_SANDBOXES if lg != "xero"])
+def test_sigkill_at_random_moments_into_each_ledger_invoices_each_won_deal_once(tmp_path: Path, ledger: str) -> None:
+    """The same crash test from HubSpot into QuickBooks Online and Pennylane: one invoice per won deal."""
+    _crash_loop(tmp_path, "hubspot", ledger)
+
+
+@pytest.mark.parametrize("ledger", LEDGER_SANDBOXES)
+def test_lost_state_database_is_rebuilt_from_ledger_references(tmp_path: Path, ledger: str) -> None:
     """Deleting the state database and running again adopts the invoices already in the ledger."""
     with sandbox_process("hubspot", "--deals", str(DEALS), "--won-share", "1", "--seed", "5",
                          "--time-scale", "10") as hs, \
-         sandbox_process("xero", "--seed", "5", "--time-scale", "10") as xero:
-        token = xero.post("/_sandbox/authorize")["refresh_token"]
+         sandbox_process(ledger, "--seed", "5", "--time-scale", "10") as xero:
+        token = xero.post("/_sandbox/authorize").get("refresh_token")
         db = tmp_path / "state.db"
-        cfg = write_config(tmp_path / "lb.yaml", hubspot_url=hs.url, xero_url=xero.url, refresh_token=token,
-                           state_url=f"sqlite:///{db}", time_scale=10)
+        cfg = write_config(tmp_path / "lb.yaml", hubspot_url=hs.url, ledger=ledger, ledger_url=xero.url,
+                           refresh_token=token, state_url=f"sqlite:///{db}", time_scale=10)
         first = run_cli("run", "--once", "--json", "-c", str(cfg))
         assert first.returncode == 0, first.stderr
         before = xero.get("/_sandbox/invoices")
@@ -99,9 +114,9 @@ def test_lost_state_database_is_rebuilt_from_ledger_references(tmp_path: Path) -
         for f in tmp_path.iterdir():
             if f.name.startswith("state.db"):
                 f.unlink()
-        # The rotated Xero refresh token lived in the lost database: the connection is re-authorised.
-        token = xero.post("/_sandbox/authorize")["refresh_token"]
-        write_config(cfg, hubspot_url=hs.url, xero_url=xero.url, refresh_token=token,
+        # The rotated refresh token lived in the lost database: the connection is re-authorised.
+        token = xero.post("/_sandbox/authorize").get("refresh_token")
+        write_config(cfg, hubspot_url=hs.url, ledger=ledger, ledger_url=xero.url, refresh_token=token,
                      state_url=f"sqlite:///{db}", time_scale=10)
         second = run_cli("run", "--once", "--json", "-c", str(cfg))
         assert second.returncode == 0, second.stderr
