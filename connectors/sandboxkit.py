@@ -361,9 +361,21 @@ class SandboxApp:
         return resp
 
     def admin(self, req: SandboxRequest) -> SandboxResponse:
-        """``GET /_sandbox/stats``: counters, for tests and benchmarks."""
-        if req.path.rstrip("/") == "/_sandbox/stats":
+        """``GET /_sandbox/stats``: counters, for tests and benchmarks; ``PUT /_sandbox/faults`` with
+        ``{"spec": "..."}`` replaces the fault plan (an empty spec turns faults off)."""
+        path = req.path.rstrip("/")
+        if path == "/_sandbox/stats":
             return json_response(200, self.stats())
+        if path == "/_sandbox/faults" and req.method == "PUT":
+            body = req.json() or {}
+            try:
+                plan = FaultPlan(str(body.get("spec") or ""), seed=self.seed)
+            except ValueError as exc:
+                return json_response(400, {"message": str(exc)})
+            injected = self.faults.injected
+            self.faults = plan
+            self.faults.injected.update(injected)  # counters keep what was injected so far
+            return json_response(200, {"spec": body.get("spec") or ""})
         return self.not_found(req)
 
     def stats(self) -> dict[str, Any]:

@@ -41,6 +41,9 @@ class SandboxProc:
     def post(self, path: str, body: Any = None) -> Any:
         return httpx.post(self.url + path, json=body, timeout=30).json()
 
+    def put(self, path: str, body: Any = None) -> Any:
+        return httpx.put(self.url + path, json=body, timeout=30).json()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
