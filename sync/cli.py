@@ -220,7 +220,7 @@ def status(config: ConfigOpt, pipeline: PipelineOpt = None, limit: int = 10, as_
 
 @sandbox_app.command("serve")
 def sandbox_serve(
-    vendor: Annotated[str, typer.Argument(help="hubspot, salesforce, pipedrive or xero")],
+    vendor: Annotated[str, typer.Argument(help="hubspot, salesforce, pipedrive, xero, quickbooks or pennylane")],
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port)")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the generated data and of the fault plan")] = 0,
     deals: Annotated[int, typer.Option(help="Deals to generate (CRM sandboxes)")] = 600,
@@ -259,12 +259,13 @@ def demo(
     workdir: Annotated[Path, typer.Option("--dir", help="Where the demo keeps its state")] = Path(".ledgerbridge"),
     fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier demo runs first")] = False,
     crm: Annotated[str, typer.Option(help="The simulated CRM: hubspot, salesforce or pipedrive")] = "hubspot",
+    ledger: Annotated[str, typer.Option(help="The simulated ledger: xero, quickbooks or pennylane")] = "xero",
     as_json: JsonOpt = False,
 ) -> None:
     """Run a full sync between an in-process CRM sandbox and a Xero sandbox seeded with a French SME."""
     from sync.demo import run_demo
 
-    code = run_demo(seed=seed, workdir=workdir, fresh=fresh, as_json=as_json, console=out, crm=crm)
+    code = run_demo(seed=seed, workdir=workdir, fresh=fresh, as_json=as_json, console=out, crm=crm, ledger=ledger)
     raise typer.Exit(code)
 
 

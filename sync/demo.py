@@ -1,4 +1,6 @@
-"""``ledgerbridge demo``: a complete sync between a simulated CRM and a simulated Xero organisation.
+"""``ledgerbridge demo``: a complete sync between a simulated CRM and a simulated ledger.
+
+The ledger is Xero by default, or QuickBooks Online or Pennylane (``--ledger``, from HubSpot).
 
 The CRM is HubSpot by default, or Salesforce or Pipedrive (``--crm``). Both sandboxes run in this process
 on 127.0.0.1; the CRM is seeded with a generated French SME (a few hundred companies, deals across
@@ -38,39 +40,53 @@ DEMO_COMPANIES = 300
 DEMO_DEALS = 700
 
 
-def _sandbox(vendor: str, seed: int, snapshot: Path) -> Any:
+def _sandbox(vendor: str, seed: int, snapshot: Path, time_scale: float = 1.0) -> Any:
     if snapshot.exists():
-        sb = build_sandbox(vendor, seed=seed, deals=0)
+        sb = build_sandbox(vendor, seed=seed, deals=0, time_scale=time_scale)
         sb.load(snapshot)
         return sb
-    return build_sandbox(vendor, seed=seed, deals=DEMO_DEALS, companies=DEMO_COMPANIES)
+    return build_sandbox(vendor, seed=seed, deals=DEMO_DEALS, companies=DEMO_COMPANIES, time_scale=time_scale)
 
 
 CRM_LABELS = {"hubspot": "HubSpot", "salesforce": "Salesforce", "pipedrive": "Pipedrive"}
-DEMO_PIPELINES = {"hubspot": "acme-fr", "salesforce": "acme-fr-salesforce", "pipedrive": "acme-fr-pipedrive"}
+LEDGER_LABELS = {"xero": "Xero", "quickbooks": "QuickBooks Online", "pennylane": "Pennylane"}
+#: QuickBooks (one request per invoice, 500 a minute) and Pennylane (25 requests per 5 s, a lookup before
+#: each create) would take minutes on the real clock; their demo sandboxes run on a compressed clock.
+LEDGER_TIME_SCALE = {"xero": 1.0, "quickbooks": 10.0, "pennylane": 10.0}
+#: (CRM, ledger) -> the pipeline of config/examples/demo.yaml that connects them.
+DEMO_PIPELINES = {
+    ("hubspot", "xero"): "acme-fr",
+    ("salesforce", "xero"): "acme-fr-salesforce",
+    ("pipedrive", "xero"): "acme-fr-pipedrive",
+    ("hubspot", "quickbooks"): "acme-fr-quickbooks",
+    ("hubspot", "pennylane"): "acme-fr-pennylane",
+}
 
 
 def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: Console,
-             crm: str = "hubspot") -> int:
-    if crm not in DEMO_PIPELINES:
-        Console(stderr=True).print(f"demo: unknown CRM {crm!r}; choose one of {', '.join(DEMO_PIPELINES)}",
-                                   markup=False)
+             crm: str = "hubspot", ledger: str = "xero") -> int:
+    if (crm, ledger) not in DEMO_PIPELINES:
+        pairs = ", ".join(f"--crm {c} --ledger {lg}" for c, lg in DEMO_PIPELINES)
+        Console(stderr=True).print(f"demo: no demo pipeline for --crm {crm} --ledger {ledger}; the demo offers "
+                                   f"{pairs}", markup=False)
         return 2
     started = time.monotonic()
     workdir = workdir.resolve()
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    snaps = {v: workdir / f"sandbox-{v}-{seed}.bin" for v in (crm, "xero")}
+    snaps = {v: workdir / f"sandbox-{v}-{seed}.bin" for v in (crm, ledger)}
     crm_sandbox = _sandbox(crm, seed, snaps[crm])
-    xero = _sandbox("xero", seed, snaps["xero"])
+    time_scale = LEDGER_TIME_SCALE[ledger]
+    xero = _sandbox(ledger, seed, snaps[ledger], time_scale)
     hs_server = serve(crm_sandbox)
     xero_server = serve(xero)
     env = dict(os.environ)
     env.update(
         LEDGERBRIDGE_DEMO_DIR=str(workdir),
         LEDGERBRIDGE_DEMO_CRM_URL=hs_server.url,
-        LEDGERBRIDGE_DEMO_XERO_URL=xero_server.url,
+        LEDGERBRIDGE_DEMO_LEDGER_URL=xero_server.url,
+        LEDGERBRIDGE_DEMO_TIME_SCALE=str(time_scale),
     )
     try:
         try:
@@ -82,7 +98,7 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
         quiet = as_json or not sys.stdout.isatty()
         results: dict[str, Any] = {}
         with open_runtime(loaded) as rt:
-            for name in rt.pipeline_names(DEMO_PIPELINES[crm]):
+            for name in rt.pipeline_names(DEMO_PIPELINES[(crm, ledger)]):
                 with rt.runner(name) as runner, Progress(
                     TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, disable=quiet, transient=False,
@@ -96,7 +112,7 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
                     res = runner.run()
                     progress.update(task, completed=won_total)
                 results[name] = res
-        totals = _ledger_totals(xero)
+        totals = _ledger_totals(xero_server.url)
         elapsed = time.monotonic() - started
         code = max((r.exit_code for r in results.values()), default=0)
         summary = {
@@ -107,24 +123,26 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
             "ledger_invoices": totals["count"],
             "ledger_totals": totals["totals"],
             "seconds": round(elapsed, 2),
+            "ledger_clock_scale": time_scale,
             "state_dir": str(workdir),
         }
         if as_json:
             sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         else:
-            _print_summary(console, results, totals, elapsed, workdir, CRM_LABELS[crm])
+            _print_summary(console, results, totals, elapsed, workdir, CRM_LABELS[crm], LEDGER_LABELS[ledger],
+                           time_scale)
         return code
     finally:
         crm_sandbox.save(snaps[crm])
-        xero.save(snaps["xero"])
+        xero.save(snaps[ledger])
         hs_server.stop()
         xero_server.stop()
 
 
-def _ledger_totals(xero: Any) -> dict[str, Any]:
+def _ledger_totals(url: str) -> dict[str, Any]:
     totals: dict[str, Decimal] = {}
     count = 0
-    for inv in xero.invoices():
+    for inv in httpx.get(url + "/_sandbox/invoices", timeout=30).json():
         count += 1
         cur = inv.get("CurrencyCode", "EUR")
         totals[cur] = totals.get(cur, Decimal(0)) + Decimal(str(inv.get("Total", "0")))
@@ -132,7 +150,7 @@ def _ledger_totals(xero: Any) -> dict[str, Any]:
 
 
 def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, Any], elapsed: float,
-                   workdir: Path, crm_label: str) -> None:
+                   workdir: Path, crm_label: str, ledger_label: str, time_scale: float) -> None:
     for name, res in results.items():
         t = Table(title=f"LedgerBridge demo: pipeline {name} ({res.status})")
         t.add_column("what")
@@ -140,13 +158,13 @@ def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, 
         labels = [
             ("pulled", f"deals pulled from {crm_label}"),
             ("won", "won deals"),
-            ("created", "invoices created in Xero"),
+            ("created", f"invoices created in {ledger_label}"),
             ("already_invoiced", "already invoiced (skipped)"),
-            ("customers_created", "Xero contacts created"),
-            ("customers_matched", "Xero contacts matched"),
-            ("adopted", "invoices adopted from Xero references"),
+            ("customers_created", f"{ledger_label} customers created"),
+            ("customers_matched", f"{ledger_label} customers matched"),
+            ("adopted", f"invoices adopted from {ledger_label} references"),
             ("flagged", "deals flagged for attention"),
-            ("failed", "invoices rejected by Xero"),
+            ("failed", f"invoices rejected by {ledger_label}"),
         ]
         for key, label in labels:
             t.add_row(label, str(res.counts.get(key, 0)))
@@ -156,10 +174,11 @@ def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, 
         if res.error:
             console.print(f"[red]{name}: {res.error}[/red]")
     console.print(
-        f"Xero now holds {totals['count']} invoices; totals: "
+        f"{ledger_label} now holds {totals['count']} invoices; totals: "
         + ", ".join(f"{v} {k}" for k, v in totals["totals"].items())
     )
-    console.print(f"{crm_label} and Xero were simulated on 127.0.0.1 by LedgerBridge's sandboxes, on the real "
-                  "clock, with the vendors' documented rate limits.")
+    clock = "the real clock" if time_scale == 1 else f"a clock compressed x{time_scale:g}"
+    console.print(f"{crm_label} and {ledger_label} were simulated on 127.0.0.1 by LedgerBridge's sandboxes, on "
+                  f"{clock}, with the vendors' documented rate limits.")
     console.print(f"Done in {elapsed:.1f} s. State and simulated vendors are kept in {workdir}; "
                   "run the demo again and it creates nothing.")

@@ -388,7 +388,7 @@ class XeroLedger(Ledger):
     def find_invoices_by_reference(self, references: Sequence[str]) -> dict[str, Invoice]:
         found: dict[str, Invoice] = {}
         for _chunk, where in where_any("Reference", references, prefix='Type=="ACCREC" AND '):
-            for page in self.client.pages("/Invoices", "Invoices", params={"where": where}):
+            for page in self.client.pages("/Invoices", "Invoices", params={"where": where, "unitdp": 4}):
                 for element in page:
                     invoice = self._invoice(element)
                     current = found.get(invoice.reference)
@@ -399,7 +399,8 @@ class XeroLedger(Ledger):
         return {ref: inv for ref, inv in found.items() if ref in set(references)}
 
     def list_invoices(self, modified_since: dt.datetime | None = None) -> Iterator[Invoice]:
-        params = {"where": 'Type=="ACCREC"', "order": "UpdatedDateUTC ASC"}
+        # unitdp=4: unit prices come back as sent (up to four decimals), not rounded to two.
+        params = {"where": 'Type=="ACCREC"', "order": "UpdatedDateUTC ASC", "unitdp": 4}
         for page in self.client.pages("/Invoices", "Invoices", params=params, modified_since=modified_since):
             for element in page:
                 yield self._invoice(element)
