@@ -26,14 +26,20 @@ import httpx
 
 from config.schema import Pipeline
 from connectors.registry import connector_class
-from connectors.xero.adapter import XeroLedger
-from connectors.xero.sandbox import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_TENANT_ID
+from connectors.seedbook import PRODUCTS
 from sync.engine import PipelineRunner
 from sync.logging import configure_logging
-from sync.sandboxes import CRM_SANDBOXES, crm_sandbox_settings
+from sync.sandboxes import CRM_SANDBOXES, LEDGER_SANDBOXES, crm_sandbox_settings, ledger_sandbox_settings
 from sync.state import StateStore
 
+TAX_TYPES = {
+    "xero": {"20": "TAX001", "10": "TAX002", "5.5": "TAX003", "2.1": "TAX004"},
+    "quickbooks": {"20": "2", "10": "3", "5.5": "4", "2.1": "5"},
+    "pennylane": {"20": "FR_200", "10": "FR_100", "5.5": "FR_55", "2.1": "FR_21"},
+}
 XERO_MIN, XERO_DAY = 60, 5000
+QBO_MIN = 500
+PENNYLANE_5S = 25
 HUBSPOT_10S, HUBSPOT_SEARCH_S = 100, 5
 SALESFORCE_DAY = 100_000
 PIPEDRIVE_BURST_2S = 80  # the sandbox's burst window, as on Pipedrive's higher plans
@@ -58,6 +64,7 @@ def start_sandbox(vendor: str, *args: str) -> tuple[subprocess.Popen[str], str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--crm", choices=CRM_SANDBOXES, default="hubspot")
+    ap.add_argument("--ledger", choices=LEDGER_SANDBOXES, default="xero")
     ap.add_argument("--deals", type=int, default=10_000)
     ap.add_argument("--companies", type=int, default=2_000)
     ap.add_argument("--lines", type=int, default=3)
@@ -72,10 +79,10 @@ def main() -> None:
     hs_proc, hs_url = start_sandbox(args.crm, "--deals", str(args.deals), "--companies", str(args.companies),
                                     "--lines", str(args.lines), "--won-share", "1", "--seed", str(args.seed),
                                     "--time-scale", str(scale))
-    xero_proc, xero_url = start_sandbox("xero", "--seed", str(args.seed), "--time-scale", str(scale))
+    xero_proc, xero_url = start_sandbox(args.ledger, "--seed", str(args.seed), "--time-scale", str(scale))
     setup_s = time.monotonic() - t0
     try:
-        refresh = httpx.post(xero_url + "/_sandbox/authorize", timeout=30).json()["refresh_token"]
+        refresh = httpx.post(xero_url + "/_sandbox/authorize", timeout=30).json().get("refresh_token")
         with tempfile.TemporaryDirectory() as tmp:
             store = StateStore.open(f"sqlite:///{Path(tmp) / 'bench.db'}")
             tokens = store.token_store()
@@ -83,14 +90,14 @@ def main() -> None:
             if args.crm == "pipedrive":
                 crm_settings["burst_limit"] = PIPEDRIVE_BURST_2S
             crm = connector_class("crm", args.crm).from_config(crm_settings, tokens)
-            ledger = XeroLedger.from_config(
-                {"type": "xero", "base_url": xero_url, "token_url": xero_url + "/connect/token",
-                 "tenant_id": DEMO_TENANT_ID, "client_id": DEMO_CLIENT_ID, "client_secret": DEMO_CLIENT_SECRET,
-                 "refresh_token": refresh, "time_scale": scale}, tokens)
+            ledger_block = {**ledger_sandbox_settings(args.ledger, xero_url, refresh_token=refresh, time_scale=scale),
+                            "tax_types": TAX_TYPES[args.ledger]}
+            ledger = connector_class("ledger", args.ledger).from_config(ledger_block, tokens)
             pipeline = Pipeline.model_validate({
                 "crm": {"type": "hubspot"}, "ledger": {"type": "xero"},
-                "items": {"on_unmapped": "default", "default": {"account_code": "706"}},
-                "taxes": {"map": {"20": "TAX001", "10": "TAX002", "5.5": "TAX003", "2.1": "TAX004"}},
+                "items": {"on_unmapped": "fail",
+                          "map": {p.sku: {"item_code": p.sku, "account_code": "706"} for p in PRODUCTS}},
+                "taxes": {"map": TAX_TYPES[args.ledger]},
                 "page_size": 200,
             })
             runner = PipelineRunner("bench", pipeline, crm, ledger, store)
@@ -107,7 +114,16 @@ def main() -> None:
                 p.stdout.close()
     hs_calls, xero_calls = crm.stats.calls, ledger.stats.calls
     searches = sum(n for ep, n in crm.stats.by_endpoint.items() if "search" in ep)
-    xero_bound = max(min_seconds(xero_calls, XERO_MIN, 60), min_seconds(xero_calls, XERO_DAY, 86400)) / scale
+    if args.ledger == "xero":
+        xero_bound = max(min_seconds(xero_calls, XERO_MIN, 60), min_seconds(xero_calls, XERO_DAY, 86400)) / scale
+        limits = "60/min, 5,000/day"
+    elif args.ledger == "quickbooks":
+        xero_bound = min_seconds(xero_calls, QBO_MIN, 60) / scale
+        limits = "500/min"
+    else:
+        xero_bound = min_seconds(xero_calls, PENNYLANE_5S, 5) / scale
+        limits = "25 per 5 s"
+    ledger_name = {"xero": "Xero", "quickbooks": "QuickBooks", "pennylane": "Pennylane"}[args.ledger]
     if args.crm == "hubspot":
         hs_bound = max(min_seconds(hs_calls, HUBSPOT_10S, 10), min_seconds(searches, HUBSPOT_SEARCH_S, 1)) / scale
     elif args.crm == "salesforce":
@@ -116,30 +132,31 @@ def main() -> None:
         hs_bound = min_seconds(hs_calls, PIPEDRIVE_BURST_2S, 2) / scale
     crm_name = {"hubspot": "HubSpot", "salesforce": "Salesforce", "pipedrive": "Pipedrive"}[args.crm]
     out = {
-        "crm": args.crm, "deals": args.deals, "companies": args.companies, "lines_per_deal": args.lines,
+        "crm": args.crm, "ledger": args.ledger, "deals": args.deals, "companies": args.companies,
+        "lines_per_deal": args.lines,
         "status": result.status, "created": result.counts.get("created", 0),
         "customers_created": result.counts.get("customers_created", 0),
         "crm_calls": hs_calls, "crm_calls_by_endpoint": crm.stats.by_endpoint, "xero_calls": xero_calls,
-        "xero_calls_by_endpoint": ledger.stats.by_endpoint,
+        "ledger_calls_by_endpoint": ledger.stats.by_endpoint,
         "wall_s": round(wall, 2), "time_scale": scale,
         "xero_min_wall_s": round(xero_bound, 2), "crm_min_wall_s": round(hs_bound, 2),
         "wall_over_xero_bound": round(wall / xero_bound, 3) if xero_bound else None,
         "sandbox_setup_s": round(setup_s, 2),
-        "rate_limited_responses": {args.crm: crm.stats.rate_limited, "xero": ledger.stats.rate_limited},
-        "xero_sandbox": xero_stats,
+        "rate_limited_responses": {args.crm: crm.stats.rate_limited, args.ledger: ledger.stats.rate_limited},
+        "ledger_sandbox": xero_stats,
     }
     if args.json:
         print(json.dumps(out, indent=2))
         return
     print(f"synced {out['created']} of {args.deals} won deals ({args.lines} lines each, {args.companies} companies)"
           f" -> status {result.status}")
-    print(f"{crm_name} calls: {hs_calls}   Xero calls: {xero_calls} "
+    print(f"{crm_name} calls: {hs_calls}   {ledger_name} calls: {xero_calls} "
           f"{dict(sorted(ledger.stats.by_endpoint.items()))}")
     print(f"wall time: {wall:.2f} s on a clock compressed x{scale:g}")
-    print(f"minimum wall time the Xero limits allow for {xero_calls} calls: {xero_bound:.2f} s "
-          f"(60/min, 5,000/day, same clock); wall / bound = {out['wall_over_xero_bound']}")
+    print(f"minimum wall time the {ledger_name} limits allow for {xero_calls} calls: {xero_bound:.2f} s "
+          f"({limits}, same clock); wall / bound = {out['wall_over_xero_bound']}")
     print(f"minimum wall time the {crm_name} limits allow for {hs_calls} calls: {hs_bound:.2f} s")
-    print(f"429 responses received: {crm_name} {crm.stats.rate_limited}, Xero {ledger.stats.rate_limited}")
+    print(f"429 responses received: {crm_name} {crm.stats.rate_limited}, {ledger_name} {ledger.stats.rate_limited}")
 
 
 if __name__ == "__main__":
