@@ -43,8 +43,9 @@ PIPELINE = Pipeline.model_validate({
 })
 
 
-def _sync(crm: str, ledger: str, tmp: Path) -> dict[str, tuple[str, Decimal, Decimal]]:
-    """Sync the book from ``crm`` into a fresh ``ledger``; (currency, subtotal, total) per book deal id."""
+def _sync(crm: str, ledger: str, tmp: Path) -> dict[str, tuple[str, Decimal, Decimal, Decimal, str]]:
+    """Sync the book from ``crm`` into a fresh ``ledger``; per book deal id: currency, subtotal, tax, total
+    and the ledger's customer id."""
     book = generate_book(SEED, companies=20, deals=50)
     crm_sb: Any = build_sandbox(crm, seed=SEED, deals=0)
     crm_sb.load_book(book)
@@ -68,15 +69,16 @@ def _sync(crm: str, ledger: str, tmp: Path) -> dict[str, tuple[str, Decimal, Dec
         assert result.status == "ok", (crm, ledger, result.error)
         book_id_of = {str(v): k for k, v in crm_sb.deal_ids_by_book_id().items()}
         invoices = httpx.get(ledger_server.url + "/_sandbox/invoices", timeout=30).json()
-        out: dict[str, tuple[str, Decimal, Decimal]] = {}
+        out: dict[str, tuple[str, Decimal, Decimal, Decimal, str]] = {}
         for inv in invoices:
             assert inv["Status"] not in ("DELETED", "VOIDED")
             book_id = book_id_of[inv["Reference"].removeprefix("LB-main:")]
             assert book_id not in out, f"two invoices for {book_id} in {ledger}"
-            out[book_id] = (inv["CurrencyCode"], Decimal(str(inv["SubTotal"])), Decimal(str(inv["Total"])))
+            out[book_id] = (inv["CurrencyCode"], Decimal(str(inv["SubTotal"])), Decimal(str(inv["TotalTax"])),
+                            Decimal(str(inv["Total"])), str(inv["ContactID"]))
         won = {d.id: d for d in book.deals if d.is_won}
         assert set(out) == set(won), (crm, ledger)
-        for book_id, (_cur, subtotal, _total) in out.items():
+        for book_id, (_cur, subtotal, _tax, _total, _customer) in out.items():
             assert subtotal == won[book_id].amount, (crm, ledger, book_id)
         return out
     finally:
@@ -87,15 +89,24 @@ def _sync(crm: str, ledger: str, tmp: Path) -> dict[str, tuple[str, Decimal, Dec
 
 @pytest.mark.parametrize("crm", CRM_SANDBOXES)
 def test_every_ledger_agrees_on_every_invoice(crm: str, tmp_path: Path) -> None:
-    """From one CRM, Xero, QuickBooks and Pennylane hold the same invoices: currency, subtotal and total."""
+    """From one CRM, the three ledgers agree deal by deal on currency, subtotal, tax and total, and group
+    the deals into the same customers."""
     results = {ledger: _sync(crm, ledger, tmp_path) for ledger in LEDGER_SANDBOXES}
     reference = results["xero"]
     differences = []
+
+    def customers(invoices: dict[str, tuple[str, Decimal, Decimal, Decimal, str]]) -> set[frozenset[str]]:
+        groups: dict[str, set[str]] = {}
+        for book_id, row in invoices.items():
+            groups.setdefault(row[4], set()).add(book_id)
+        return {frozenset(g) for g in groups.values()}
+
     for ledger, invoices in results.items():
-        for book_id, (currency, subtotal, total) in invoices.items():
-            ref_currency, ref_subtotal, ref_total = reference[book_id]
+        assert customers(invoices) == customers(reference), ledger
+        for book_id, (currency, subtotal, tax, total, _customer) in invoices.items():
+            ref_currency, ref_subtotal, ref_tax, ref_total, _ref_customer = reference[book_id]
             assert (currency, subtotal) == (ref_currency, ref_subtotal), (ledger, book_id)
-            if total != ref_total:
-                differences.append((ledger, book_id, total - ref_total))
+            if (tax, total) != (ref_tax, ref_total):
+                differences.append((ledger, book_id, tax - ref_tax, total - ref_total))
     # Every ledger rounds tax per line then sums, so no rounding difference is expected; any would be listed.
     assert differences == []
