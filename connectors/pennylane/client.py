@@ -33,6 +33,7 @@ import httpx
 import structlog
 from pydantic import SecretStr
 
+from connectors import jsonwire
 from connectors.errors import (
     AmbiguousWriteError,
     AuthError,
@@ -69,60 +70,17 @@ _VALIDATION_CODES = frozenset({
 
 def loads(data: bytes | str) -> Any:
     """Parse JSON with every non-integer number as a Decimal."""
-    return json.loads(data, parse_float=Decimal)
-
-
-def _encode(obj: Any, out: list[str]) -> None:
-    if obj is None:
-        out.append("null")
-    elif obj is True:
-        out.append("true")
-    elif obj is False:
-        out.append("false")
-    elif isinstance(obj, Decimal):
-        if not obj.is_finite():
-            raise ValueError("numbers must be finite")
-        text = format(obj, "f")
-        out.append("0" if text.lstrip("-").strip("0.") == "" else text)
-    elif isinstance(obj, int):
-        out.append(str(obj))
-    elif isinstance(obj, str):
-        out.append(json.dumps(obj, ensure_ascii=False))
-    elif isinstance(obj, Mapping):
-        out.append("{")
-        for i, (key, value) in enumerate(obj.items()):
-            if i:
-                out.append(",")
-            out.append(json.dumps(str(key), ensure_ascii=False))
-            out.append(":")
-            _encode(value, out)
-        out.append("}")
-    elif isinstance(obj, list | tuple):
-        out.append("[")
-        for i, value in enumerate(obj):
-            if i:
-                out.append(",")
-            _encode(value, out)
-        out.append("]")
-    elif isinstance(obj, dt.datetime):
-        out.append(json.dumps(rfc3339(obj)))
-    elif isinstance(obj, dt.date):
-        out.append(json.dumps(obj.isoformat()))
-    else:
-        raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+    return jsonwire.loads(data)
 
 
 def dumps(obj: Any) -> str:
     """Serialise ``obj`` to JSON; Decimals are written exactly as JSON numbers (never through float)."""
-    out: list[str] = []
-    _encode(obj, out)
-    return "".join(out)
+    return jsonwire.dumps(obj, datetime_text=rfc3339, zero="0", allow_float=False)
 
 
 def money(value: Decimal) -> str:
     """An amount as Pennylane takes it: a string in plain notation (``"1250.5"``, never ``"1.25E+3"``)."""
-    text = format(value, "f")
-    return "0" if text.lstrip("-").strip("0.") == "" else text
+    return jsonwire.decimal_text(value, zero="0")
 
 
 def rfc3339(value: dt.datetime) -> str:

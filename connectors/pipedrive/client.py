@@ -23,17 +23,16 @@ JSON numbers are read as :class:`~decimal.Decimal` and written from it exactly (
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from decimal import Decimal
 from typing import Any
 
 import httpx
 import structlog
 
+from connectors import jsonwire
 from connectors.errors import (
     AuthError,
     ConnectorError,
@@ -99,54 +98,12 @@ def token_cost(method: str, path: str) -> int:
 
 def loads(data: bytes | str) -> Any:
     """Parse JSON with every non-integer number as a Decimal."""
-    return json.loads(data, parse_float=Decimal)
-
-
-def _encode(obj: Any, out: list[str]) -> None:
-    if obj is None:
-        out.append("null")
-    elif obj is True:
-        out.append("true")
-    elif obj is False:
-        out.append("false")
-    elif isinstance(obj, Decimal):
-        if not obj.is_finite():
-            raise ValueError("numbers must be finite")
-        text = format(obj, "f")
-        out.append("0" if text.lstrip("-").strip("0.") == "" else text)
-    elif isinstance(obj, int):
-        out.append(str(obj))
-    elif isinstance(obj, float | str):
-        out.append(json.dumps(obj, ensure_ascii=False))
-    elif isinstance(obj, Mapping):
-        out.append("{")
-        for i, (key, value) in enumerate(obj.items()):
-            if i:
-                out.append(",")
-            out.append(json.dumps(str(key), ensure_ascii=False))
-            out.append(":")
-            _encode(value, out)
-        out.append("}")
-    elif isinstance(obj, list | tuple):
-        out.append("[")
-        for i, value in enumerate(obj):
-            if i:
-                out.append(",")
-            _encode(value, out)
-        out.append("]")
-    elif isinstance(obj, dt.datetime):
-        out.append(json.dumps(rfc3339(obj)))
-    elif isinstance(obj, dt.date):
-        out.append(json.dumps(obj.isoformat()))
-    else:
-        raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+    return jsonwire.loads(data)
 
 
 def dumps(obj: Any) -> str:
-    """Serialise ``obj`` to JSON; Decimals are written exactly as JSON numbers."""
-    out: list[str] = []
-    _encode(obj, out)
-    return "".join(out)
+    """Serialise ``obj`` to JSON; Decimals are written exactly as JSON numbers (a zero as ``0``)."""
+    return jsonwire.dumps(obj, datetime_text=rfc3339, zero="0")
 
 
 def rfc3339(value: dt.datetime) -> str:

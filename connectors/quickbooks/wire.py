@@ -13,10 +13,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import json
 import re
-from decimal import Decimal
 from typing import Any
+
+from connectors import jsonwire
 
 __all__ = [
     "DOC_NUMBER_MAX",
@@ -40,52 +40,12 @@ NUMBER_TAG = "LedgerBridge number: "
 
 def loads(data: bytes | str) -> Any:
     """Parse JSON with every non-integer number as a Decimal."""
-    return json.loads(data, parse_float=Decimal)
-
-
-def _encode(obj: Any, out: list[str]) -> None:
-    if obj is None:
-        out.append("null")
-    elif obj is True:
-        out.append("true")
-    elif obj is False:
-        out.append("false")
-    elif isinstance(obj, Decimal):
-        if not obj.is_finite():
-            raise ValueError("amounts must be finite")
-        text = format(obj, "f")
-        out.append(text[1:] if text.startswith("-") and obj == 0 else text)
-    elif isinstance(obj, int):
-        out.append(str(obj))
-    elif isinstance(obj, float | str):
-        out.append(json.dumps(obj, ensure_ascii=False))
-    elif isinstance(obj, dict):
-        out.append("{")
-        for i, (key, value) in enumerate(obj.items()):
-            if i:
-                out.append(",")
-            out.append(json.dumps(str(key), ensure_ascii=False))
-            out.append(":")
-            _encode(value, out)
-        out.append("}")
-    elif isinstance(obj, list | tuple):
-        out.append("[")
-        for i, value in enumerate(obj):
-            if i:
-                out.append(",")
-            _encode(value, out)
-        out.append("]")
-    elif isinstance(obj, dt.datetime | dt.date):
-        out.append(json.dumps(obj.isoformat()))
-    else:
-        raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+    return jsonwire.loads(data)
 
 
 def dumps(obj: Any) -> str:
-    """Serialise ``obj`` to JSON; Decimals are written exactly as numbers."""
-    out: list[str] = []
-    _encode(obj, out)
-    return "".join(out)
+    """Serialise ``obj`` to JSON; Decimals are written exactly as JSON numbers (never through float)."""
+    return jsonwire.dumps(obj)
 
 
 def qbo_datetime(when: dt.datetime, tz: dt.tzinfo | None = None, *, millis: bool = False) -> str:
