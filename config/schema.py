@@ -25,6 +25,7 @@ __all__ = [
     "ItemTarget",
     "LedgerSettings",
     "LoggingConfig",
+    "MetricsConfig",
     "Pipeline",
     "Schedule",
     "StateConfig",
@@ -159,10 +160,79 @@ class InvoicePolicy(_Strict):
 
 
 class Schedule(_Strict):
-    """When the daemon runs the pipeline's deal sync."""
+    """When the daemon runs one of the pipeline's jobs (deal sync, ledger pull, metrics)."""
 
     interval_minutes: int = Field(default=15, ge=1, le=1440)
-    cron: str | None = Field(default=None, description="Crontab expression (UTC); overrides interval_minutes")
+    cron: str | None = Field(
+        default=None,
+        description="Crontab expression (UTC): 5 fields, or 6 with a leading seconds field; overrides "
+        "interval_minutes",
+    )
+
+
+class SpendSource(_Strict):
+    """Where acquisition spend comes from: a CSV and/or ledger expense accounts mapped to channels."""
+
+    csv: str | None = Field(
+        default=None,
+        description="CSV with a header row: date (YYYY-MM-DD), channel, campaign, amount, currency; relative "
+        "paths are read from the config file's directory. A channel named `overhead` (or listed in "
+        "overhead_channels) is sales and marketing cost no channel owns: only blended CAC spreads it",
+    )
+    expense_accounts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ledger expense account code -> channel (or `overhead`); the monthly totals of those "
+        "accounts are added to the CSV's spend",
+    )
+    overhead_channels: list[str] = Field(default_factory=lambda: ["overhead"])
+    lag_months: int = Field(
+        default=0, ge=0, le=3, description="Customers won in month m are matched with spend of month m - lag"
+    )
+
+
+class MetricsFields(_Strict):
+    """Names of the CRM fields metrics are written to, by metric. Omitted metrics keep their default name."""
+
+    customer: dict[str, str] = Field(default_factory=dict, description="metric -> CRM customer field name")
+    deal: dict[str, str] = Field(default_factory=dict, description="deal status value -> CRM deal field name")
+
+
+class MetricsConfig(_Strict):
+    """How a pipeline's finance metrics are computed and written back to the CRM."""
+
+    enabled: bool = True
+    currency: str | None = Field(
+        default=None, pattern=r"^[A-Z]{3}$",
+        description="Home currency of the metrics; defaults to the ledger organisation's base currency",
+    )
+    fx_rates: dict[str, Decimal] = Field(
+        default_factory=dict,
+        description="Currency -> home-currency units per unit, used only for documents on which the ledger "
+        "records no exchange rate",
+    )
+    time_unit: Literal["day", "week", "month"] = Field(
+        default="week", description="Time unit of the purchase models (BG/NBD, MBG/NBD, Pareto/NBD)"
+    )
+    churn_model: Literal["mbgnbd", "paretonbd"] = Field(
+        default="mbgnbd", description="Model whose P(alive) gives the churn probability (BG/NBD is 1 for one-time "
+        "buyers, so it is not offered)",
+    )
+    horizon_months: int = Field(default=12, ge=1, le=120, description="Horizon of predictive CLV and revenue at risk")
+    discount_rate_annual: Decimal = Field(default=Decimal("0.10"), ge=0, lt=1)
+    gross_margin: Decimal | None = Field(
+        default=None, gt=0, le=1, description="Applied to revenue in CLV and CAC payback when given"
+    )
+    trailing_months: int = Field(default=12, ge=1, le=60, description="Window of days-to-pay and beyond-terms")
+    min_repeat_customers: int = Field(
+        default=20, ge=1, description="Fewer repeat buyers than this and the predictive models are not fitted"
+    )
+    spend: SpendSource = Field(default_factory=SpendSource)
+    activity_costs: dict[str, Decimal] = Field(
+        default_factory=dict, description="Cost of one sales activity by kind (call, meeting, email, task)"
+    )
+    write_back: bool = True
+    fields: MetricsFields = Field(default_factory=MetricsFields)
+    schedule: Schedule = Field(default_factory=lambda: Schedule(interval_minutes=360))
 
 
 class Pipeline(_Strict):
@@ -174,6 +244,11 @@ class Pipeline(_Strict):
     invoice: InvoicePolicy = Field(default_factory=InvoicePolicy)
     page_size: int = Field(default=100, ge=1, le=200, description="Deals per pulled page")
     schedule: Schedule = Field(default_factory=Schedule)
+    ledger_schedule: Schedule = Field(
+        default_factory=lambda: Schedule(interval_minutes=60),
+        description="When the daemon pulls the ledger's invoices, credit notes and payments",
+    )
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     enabled: bool = True
 
 

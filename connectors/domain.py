@@ -16,8 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "MINOR_UNITS",
     "Address",
+    "CreditAllocation",
+    "CreditNote",
     "Customer",
     "Deal",
+    "ExpenseLine",
     "Invoice",
     "InvoiceLine",
     "LineItem",
@@ -98,6 +101,7 @@ class Customer(BaseModel):
     currency: str | None = None
     address: Address = Field(default_factory=Address)
     acquisition_source: str | None = None
+    created_at: dt.datetime | None = Field(default=None, description="When the CRM record was created")
     updated_at: dt.datetime | None = None
 
     @field_validator("vat_number")
@@ -140,7 +144,12 @@ class Deal(BaseModel):
     amount: Decimal | None = None
     currency: CurrencyCode
     stage: str | None = None
+    probability: Decimal | None = Field(
+        default=None, ge=0, le=1, description="Chance of winning, 0..1, from the deal or its pipeline stage"
+    )
     is_won: bool = False
+    is_closed: bool = False
+    created_at: dt.datetime | None = None
     close_date: dt.date | None = None
     owner: str | None = None
     acquisition_source: str | None = None
@@ -194,6 +203,9 @@ class Invoice(BaseModel):
     amount_due: Decimal | None = None
     updated_at: dt.datetime | None = None
     ledger_total: Decimal | None = Field(default=None, description="Total as the ledger computed it")
+    exchange_rate: Decimal | None = Field(
+        default=None, gt=0, description="Home-currency units per unit of ``currency``, as the ledger recorded it"
+    )
 
     @property
     def subtotal(self) -> Decimal:
@@ -216,3 +228,45 @@ class Payment(BaseModel):
     date: dt.date
     status: str = "authorised"
     updated_at: dt.datetime | None = None
+
+
+class CreditAllocation(BaseModel):
+    """Part of a credit note applied against one invoice."""
+
+    invoice_ledger_id: str
+    amount: Decimal = Field(description="Amount applied, in the credit note's currency, including tax")
+    date: dt.date
+
+
+class CreditNote(BaseModel):
+    """A sales credit note as read back from a ledger: it nets against the invoices it is allocated to.
+
+    ``total`` includes tax; ``subtotal`` excludes it. ``credited_invoice_ledger_id`` is the invoice the
+    ledger says it corrects, when it says so; ``allocations`` are the amounts actually applied.
+    """
+
+    ledger_id: str
+    number: str | None = None
+    customer_ledger_id: str | None = None
+    currency: CurrencyCode
+    issue_date: dt.date
+    status: InvoiceStatus = "authorised"
+    subtotal: Decimal
+    total: Decimal
+    remaining: Decimal = Decimal(0)
+    credited_invoice_ledger_id: str | None = None
+    allocations: list[CreditAllocation] = Field(default_factory=list)
+    exchange_rate: Decimal | None = Field(default=None, gt=0)
+    updated_at: dt.datetime | None = None
+
+
+class ExpenseLine(BaseModel):
+    """One line of a purchase (bill, expense, bank spend) booked to an expense account."""
+
+    ledger_id: str
+    account_code: str
+    date: dt.date
+    net: Decimal = Field(description="Amount before tax, in ``currency``")
+    currency: CurrencyCode
+    exchange_rate: Decimal | None = Field(default=None, gt=0)
+    description: str | None = None

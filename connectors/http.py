@@ -104,6 +104,15 @@ class RateBudget:
                 wait = max(wait, hits[0] + seconds - now)
         return wait
 
+    def remaining(self) -> int:
+        """Calls that fit in every window right now (0 while paused); reads the budget, changes nothing."""
+        with self._lock:
+            now = self._now()
+            if self._paused_until > now:
+                return 0
+            return max(min(limit - sum(1 for hit in hits if hit > now - seconds)
+                           for (limit, seconds), hits in zip(self.windows, self._hits, strict=True)), 0)
+
     def acquire(self) -> None:
         if self._sem is not None:
             self._sem.acquire()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from connectors.domain import Customer, Deal, Invoice, Payment
+from connectors.domain import CreditNote, Customer, Deal, ExpenseLine, Invoice, Payment
 
 if TYPE_CHECKING:
     from config.schema import ConnectorSettings
@@ -184,6 +184,14 @@ class CrmSource(abc.ABC):
         """Read the given deals (with customers and lines); unknown ids are left out."""
 
     @abc.abstractmethod
+    def activity_counts(self, deal_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Sales activities logged on each deal, by kind: ``{deal_id: {"call": 3, "meeting": 1, ...}}``.
+
+        Kinds are ``call``, ``meeting``, ``email`` and ``task``; a deal without activities may be absent.
+        Used to cost the sales effort that went into winning a customer (CAC).
+        """
+
+    @abc.abstractmethod
     def ensure_fields(self, object_type: Literal["deal", "customer"], fields: Sequence[FieldSpec]) -> None:
         """Create the custom fields that do not exist yet."""
 
@@ -249,6 +257,22 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def list_payments(self, modified_since: dt.datetime | None = None) -> Iterator[Payment]:
         """Payments changed since ``modified_since``."""
+
+    @abc.abstractmethod
+    def list_credit_notes(self, modified_since: dt.datetime | None = None) -> Iterator[CreditNote]:
+        """Sales credit notes changed since ``modified_since``, with their allocations to invoices."""
+
+    @abc.abstractmethod
+    def list_expenses(self, account_codes: Sequence[str], start: dt.date, end: dt.date) -> Iterator[ExpenseLine]:
+        """Purchase lines booked to ``account_codes`` dated within ``[start, end]`` (approved, not voided)."""
+
+    @abc.abstractmethod
+    def base_currency(self) -> str:
+        """The organisation's home currency (ISO-4217)."""
+
+    def invoice_url(self, invoice: Invoice) -> str | None:
+        """Where a person opens ``invoice`` in the ledger's web app, when the ledger has such an address."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook with a documented default
         """Release connections."""

@@ -13,17 +13,21 @@ one strict order:
 On ``invalid_grant`` the store is read again: if it now holds a different refresh token, another process
 won the race and that token set is used (or refreshed once more when its access token is stale).
 Otherwise the connection needs a person: :class:`~connectors.errors.AuthError` is raised, never a loop.
+The person re-authorises the connection and configures the new refresh token: every stored token set
+remembers a fingerprint of the configured refresh token its chain started from (``origin``), so a
+configured token that differs from it replaces the stored chain.
 
 A token expiring within ``margin_s`` is refreshed before the request; a 401 answer triggers one forced
 refresh and one re-send. Token values never reach a log line or an error message.
 
 The stored token set is a dict with ``access_token``, ``refresh_token``, ``expires_at`` (epoch seconds),
-``token_type`` and ``scope``.
+``token_type``, ``scope`` and ``origin``.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping
@@ -56,6 +60,8 @@ class TokenSet:
     expires_at: float
     token_type: str = "Bearer"
     scope: str | None = None
+    #: Fingerprint of the configured refresh token this chain of rotated tokens started from (None: unknown).
+    origin: str | None = None
 
     def __repr__(self) -> str:
         return f"TokenSet(expires_at={self.expires_at!r}, token_type={self.token_type!r})"
@@ -71,6 +77,7 @@ class TokenSet:
             "expires_at": self.expires_at,
             "token_type": self.token_type,
             "scope": self.scope,
+            "origin": self.origin,
         }
 
     @classmethod
@@ -84,12 +91,14 @@ class TokenSet:
         except (TypeError, ValueError):
             expires_at = 0.0
         scope = data.get("scope")
+        origin = data.get("origin")
         return cls(
             access_token=access if isinstance(access, str) else "",
             refresh_token=refresh,
             expires_at=expires_at,
             token_type=str(data.get("token_type") or "Bearer"),
             scope=scope if isinstance(scope, str) else None,
+            origin=origin if isinstance(origin, str) else None,
         )
 
 
@@ -183,11 +192,24 @@ class RotatingOAuth2(httpx.Auth):
         with self._lock, self._lock_factory(self.connection):
             # Re-check under the lock: another thread or process may have refreshed meanwhile.
             stored = self._load()
+            configured = self._configured_origin()
+            if stored is not None and configured is not None and stored.origin not in (None, configured):
+                # The connection was authorised again and its new refresh token configured: start from it.
+                log.info("oauth refresh token in the config is new; it replaces the stored token set",
+                         connection=self.connection)
+                return self._refresh_locked(self._initial_token(), stale_access_token, configured)
             if stored is not None and self._usable(stored, stale_access_token):
                 self._cached = stored
                 return stored
-            refresh = stored.refresh_token if stored is not None else self._initial_token()
-            return self._refresh_locked(refresh, stale_access_token)
+            if stored is not None:
+                return self._refresh_locked(stored.refresh_token, stale_access_token, stored.origin or configured)
+            return self._refresh_locked(self._initial_token(), stale_access_token, configured)
+
+    def _configured_origin(self) -> str | None:
+        """Fingerprint of the configured refresh token (never the token itself): tells a new one apart."""
+        if self._initial_refresh is None:
+            return None
+        return hashlib.sha256(self._initial_refresh.get_secret_value().encode()).hexdigest()[:16]
 
     def _usable(self, token: TokenSet, stale: str | None) -> bool:
         return token.fresh(self._now(), self.margin_s / self.time_scale) and token.access_token != stale
@@ -206,9 +228,9 @@ class RotatingOAuth2(httpx.Auth):
         data = self.store.load(self.connection)
         return TokenSet.from_dict(data) if data else None
 
-    def _refresh_locked(self, refresh_token: str, stale: str | None) -> TokenSet:
+    def _refresh_locked(self, refresh_token: str, stale: str | None, origin: str | None) -> TokenSet:
         try:
-            return self._exchange(refresh_token)
+            return self._exchange(refresh_token, origin)
         except _InvalidGrant:
             pass
         # The refresh token was refused. A sibling process may have rotated it: look again.
@@ -219,7 +241,7 @@ class RotatingOAuth2(httpx.Auth):
                 self._cached = stored
                 return stored
             try:
-                return self._exchange(stored.refresh_token)
+                return self._exchange(stored.refresh_token, stored.origin or origin)
             except _InvalidGrant:
                 pass
         self._cached = None
@@ -233,7 +255,7 @@ class RotatingOAuth2(httpx.Auth):
             path=self.token_url,
         )
 
-    def _exchange(self, refresh_token: str) -> TokenSet:
+    def _exchange(self, refresh_token: str, origin: str | None) -> TokenSet:
         """One call to the token endpoint; saves the new token set before returning it."""
         basic = base64.b64encode(
             f"{self._client_id}:{self._client_secret.get_secret_value()}".encode()
@@ -272,6 +294,7 @@ class RotatingOAuth2(httpx.Auth):
             expires_at=started + expires_in / self.time_scale,
             token_type=str(payload.get("token_type") or "Bearer"),
             scope=str(payload["scope"]) if payload.get("scope") else None,
+            origin=origin,
         )
         # Persist first: the old refresh token is now dead, the new one exists only in memory.
         self.store.save(self.connection, token.to_dict())

@@ -3,7 +3,8 @@
 :func:`generate_book` returns the same :class:`Book` for the same arguments. The book holds a fixed
 product catalogue (:data:`PRODUCTS`), companies (mostly French, with valid SIREN, SIRET and VAT numbers;
 some in other EU countries; the USD ones in the United States) and deals with their lines and, for some,
-a quote.
+a quote, and the sales activities logged on each deal (:func:`deal_activities`: calls, meetings, e-mails and
+tasks, drawn from a random stream of their own so that adding them changed nothing else in the book).
 
 Invariant: a deal's ``amount`` is the sum over its *effective* lines (the quote's lines when the quote was
 accepted by the customer, the deal's own lines otherwise) of
@@ -29,6 +30,7 @@ from connectors.domain import round_money
 
 __all__ = [
     "ACQUISITION_SOURCES",
+    "ACTIVITY_KINDS",
     "BOOK_EPOCH",
     "OWNERS",
     "PRODUCTS",
@@ -36,6 +38,7 @@ __all__ = [
     "STAGES",
     "TAX_RATES",
     "Book",
+    "BookActivity",
     "BookCompany",
     "BookDeal",
     "BookLine",
@@ -43,6 +46,7 @@ __all__ = [
     "BookQuote",
     "be_vat_valid",
     "de_vat_valid",
+    "deal_activities",
     "deal_lines_total",
     "effective_lines",
     "fr_vat_key",
@@ -113,10 +117,26 @@ class BookDeal:
 
 
 @dataclass(frozen=True)
+class BookActivity:
+    """A sales activity logged on a deal: a call, a meeting, an e-mail or a task."""
+
+    kind: str  # one of ACTIVITY_KINDS
+    at: dt.datetime  # within [deal.created_at, deal.updated_at], whole milliseconds
+    subject: str
+    duration_minutes: int  # calls and meetings; 0 for e-mails and tasks
+
+
+@dataclass(frozen=True)
 class Book:
     products: tuple[BookProduct, ...]
     companies: tuple[BookCompany, ...]
     deals: tuple[BookDeal, ...]
+    #: The seed the book was generated from; it also seeds each deal's activities (:func:`deal_activities`).
+    seed: int = 0
+
+    def activities(self, deal: BookDeal) -> tuple[BookActivity, ...]:
+        """The sales activities logged on ``deal`` (see :func:`deal_activities`)."""
+        return deal_activities(self.seed, deal)
 
     def company(self, company_id: str) -> BookCompany:
         for c in self.companies:
@@ -588,4 +608,40 @@ def generate_book(
             close_date=close_date, created_at=created, updated_at=updated, owner=d.owner,
             acquisition_source=d.source, lines=d.lines, quote=d.quote,
         ))
-    return Book(products=PRODUCTS, companies=tuple(comps), deals=tuple(out))
+    return Book(products=PRODUCTS, companies=tuple(comps), deals=tuple(out), seed=seed)
+
+
+# -- sales activities -----------------------------------------------------------------------------
+
+#: Kinds of sales activity, as :meth:`connectors.interfaces.CrmSource.activity_counts` counts them.
+ACTIVITY_KINDS = ("call", "meeting", "email", "task")
+_ACTIVITY_WEIGHTS = (30, 15, 35, 20)
+#: How many activities a deal gets, by stage: (fewest, most).
+_ACTIVITY_SPAN = {"prospect": (0, 3), "qualified": (1, 4), "proposal": (1, 6), "negotiation": (2, 8),
+                  "won": (3, 10), "lost": (1, 6)}
+_ACTIVITY_SUBJECTS = {
+    "call": ("Appel de découverte", "Appel de qualification", "Point téléphonique", "Relance téléphonique"),
+    "meeting": ("Rendez-vous de présentation", "Démonstration", "Atelier de cadrage", "Réunion de négociation"),
+    "email": ("Envoi de la proposition", "Relance du devis", "Compte rendu de réunion", "Envoi de la documentation"),
+    "task": ("Préparer la proposition", "Mettre à jour le devis", "Vérifier le budget", "Planifier la relance"),
+}
+
+
+def deal_activities(seed: int, deal: BookDeal) -> tuple[BookActivity, ...]:
+    """The sales activities logged on ``deal`` of the book generated from ``seed``, oldest first.
+
+    Drawn from their own random stream (one per deal), so the book's deals do not depend on them: the same
+    deal of the same seed always has the same activities. Won deals get the most, prospects the fewest; every
+    activity falls between the deal's creation and its last modification.
+    """
+    rng = random.Random(f"ledgerbridge-activities-{seed}-{deal.id}")
+    low, high = _ACTIVITY_SPAN.get(deal.stage, (0, 4))
+    span_ms = max((deal.updated_at - deal.created_at) // dt.timedelta(milliseconds=1), 0)
+    out: list[BookActivity] = []
+    for _ in range(rng.randint(low, high)):
+        kind = rng.choices(ACTIVITY_KINDS, weights=_ACTIVITY_WEIGHTS)[0]
+        at = deal.created_at + dt.timedelta(milliseconds=rng.randint(0, span_ms))
+        minutes = {"call": rng.choice((5, 10, 15, 20, 30)), "meeting": rng.choice((30, 45, 60, 90, 120))}.get(kind, 0)
+        out.append(BookActivity(kind, at, rng.choice(_ACTIVITY_SUBJECTS[kind]), minutes))
+    out.sort(key=lambda a: a.at)
+    return tuple(out)

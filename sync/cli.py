@@ -182,6 +182,49 @@ def _print_run(name: str, res: Any) -> None:
 
 
 @app.command()
+def metrics(
+    config: ConfigOpt,
+    pipeline: PipelineOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and show; write nothing to the CRM")] = False,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="Compute as of this day (YYYY-MM-DD)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pull ledger facts, compute DSO, CLV, CAC, revenue at risk and the forecast, write changes to the CRM."""
+    import datetime as dt
+
+    from sync.runtime import open_runtime
+
+    day: dt.date | None = None
+    if as_of is not None:
+        try:
+            day = dt.date.fromisoformat(as_of)
+        except ValueError:
+            raise _fail_input(f"--as-of: {as_of!r} is not a date (YYYY-MM-DD)") from None
+    loaded = _load(config)
+    code = 0
+    report: dict[str, Any] = {}
+    try:
+        with open_runtime(loaded) as rt:
+            for name in rt.pipeline_names(pipeline):
+                if not loaded.app.pipelines[name].metrics.enabled:
+                    continue
+                res = rt.metrics(name, dry_run=dry_run, as_of=day)
+                report[name] = res.to_json()
+                if not as_json:
+                    from metrics.present import print_report
+
+                    print_report(out, res, rt.store)
+                if res.error:
+                    err.print(f"{name}: {res.error}", markup=False, highlight=False)
+                code = max(code, res.exit_code)
+    except ConfigError as exc:
+        raise _fail_input(str(exc)) from None
+    if as_json:
+        _dump(report)
+    raise typer.Exit(code)
+
+
+@app.command()
 def status(config: ConfigOpt, pipeline: PipelineOpt = None, limit: int = 10, as_json: JsonOpt = False) -> None:
     """Recent runs with their counts, and the deals flagged for attention."""
     from sync.state import StateStore
@@ -231,15 +274,26 @@ def sandbox_serve(
     time_scale: Annotated[float, typer.Option(help="Virtual seconds per real second for rate windows")] = 1.0,
     won_share: Annotated[float, typer.Option(help="Share of generated deals that are won")] = 0.45,
     lines: Annotated[int | None, typer.Option(help="Line items per deal (default: 1 to 4)")] = None,
+    history_years: Annotated[int, typer.Option(
+        help="Ledger sandboxes: years of invoices, payments and credit notes of the book's companies")] = 0,
+    state: Annotated[Path | None, typer.Option(
+        help="Snapshot file: loaded at start when it exists (instead of generating), saved at exit")] = None,
 ) -> None:
     """Run a vendor simulator on 127.0.0.1 until interrupted. Prints its URL on the first line."""
     from sync.sandboxes import build_sandbox
 
     try:
-        sandbox = build_sandbox(vendor, seed=seed, deals=deals, companies=companies, faults=faults,
-                                time_scale=time_scale, won_share=won_share, lines_per_deal=lines)
+        if state is not None and state.exists():
+            sandbox = build_sandbox(vendor, seed=seed, deals=0, faults=faults, time_scale=time_scale)
+            sandbox.load(state)
+        else:
+            sandbox = build_sandbox(vendor, seed=seed, deals=deals, companies=companies, faults=faults,
+                                    time_scale=time_scale, won_share=won_share, lines_per_deal=lines,
+                                    history_years=history_years)
     except ValueError as exc:
         raise _fail_input(f"sandbox serve: {exc}") from None
+    except OSError as exc:
+        raise _fail_input(f"sandbox serve: cannot read {state}: {exc.strerror}") from None
     from connectors.sandboxkit import serve
 
     server = serve(sandbox, port=port)
@@ -251,6 +305,8 @@ def sandbox_serve(
     with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
     server.stop()
+    if state is not None:
+        sandbox.save(state)
 
 
 @app.command()
@@ -272,19 +328,66 @@ def demo(
 @app.command()
 def daemon(
     config: ConfigOpt,
-    host: Annotated[str, typer.Option(help="Address of the operations endpoint (/healthz, /readyz)")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address of the operations endpoint (/healthz, /readyz, /metrics, /webhooks/)")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the operations endpoint")] = 8080,
+    lease_seconds: Annotated[float, typer.Option(
+        "--lease-seconds", help="How long a job's lease outlives its replica: a dead replica's jobs move on "
+        "to another one within this time")] = 30.0,
+    stop_timeout: Annotated[float, typer.Option(
+        "--stop-timeout", help="Seconds SIGTERM waits for runs in flight before exiting anyway")] = 30.0,
+    reload_interval: Annotated[float, typer.Option(
+        "--reload-interval", help="Seconds between checks of the config file for changes (SIGHUP reloads at once)"
+    )] = 5.0,
+    workers: Annotated[int, typer.Option(help="Jobs run at the same time by this replica")] = 8,
 ) -> None:
-    """Run every enabled pipeline on its schedule until SIGTERM or SIGINT."""
-    from sync.daemon import run_daemon
+    """Run every enabled pipeline's jobs (sync, ledger, metrics) on their schedules until SIGTERM or SIGINT."""
+    from sync.daemon import DaemonOptions, run_daemon
 
     loaded = _load(config)
     try:
-        code = run_daemon(loaded, host=host, port=port)
+        options = DaemonOptions(host=host, port=port, lease_s=lease_seconds, stop_timeout_s=stop_timeout,
+                                reload_interval_s=reload_interval, workers=workers)
+    except ConfigError as exc:
+        raise _fail_input(str(exc)) from None
+    try:
+        code = run_daemon(loaded, options)
     except ConfigError as exc:
         err.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+@app.command("rotate-keys")
+def rotate_keys(config: ConfigOpt, as_json: JsonOpt = False) -> None:
+    """Re-encrypt every stored OAuth token with the newest state key (the first of state.secret_key)."""
+    from sync.crypto import TokenDecryptionError, load_or_create_key_file, rotate_stored_tokens
+    from sync.daemon import sqlite_database
+    from sync.state import StateStore
+
+    loaded = _load(config)
+    st = loaded.app.state
+    if st.secret_key is not None:
+        key = st.secret_key.get_secret_value()
+    else:
+        db = sqlite_database(st.url)
+        if db is None:
+            raise _fail_input(f"{loaded.path}: state.secret_key is needed to rotate keys")
+        key = load_or_create_key_file(db.with_name(db.name + ".key"))
+    store = StateStore.open(st.url, secret_key=key)
+    try:
+        report = rotate_stored_tokens(store, key)
+    except TokenDecryptionError as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        store.close()
+    if as_json:
+        _dump(dataclasses.asdict(report))
+    else:
+        out.print(f"{report.rotated} of {report.tokens} stored token(s) re-encrypted with the newest of "
+                  f"{report.keys} key(s)")
 
 
 def main() -> None:

@@ -4,9 +4,10 @@ Tokens are sealed with Fernet (AES-128-CBC plus HMAC-SHA256, from ``cryptography
 the database: it is given in the configuration (``secret_key``) or, for a single-host SQLite store, kept in
 a key file next to the database that is created readable by its owner only.
 
-``secret_key`` may hold several Fernet keys separated by commas: the first one encrypts, every one of them
-is tried to decrypt. That is how a key is rotated: put the new key first, keep the old one until every
-token has been saved again.
+``secret_key`` may hold several Fernet keys, newest first, separated by commas or newlines (so a secrets
+file can hold one key per line): the first one encrypts, every one of them is tried to decrypt. That is how
+a key is rotated: put the new key first, run ``ledgerbridge rotate-keys`` (:func:`rotate_stored_tokens`),
+which re-encrypts every stored token with it, then drop the old key.
 
 No message raised here ever contains a key or a token.
 """
@@ -14,17 +15,30 @@ No message raised here ever contains a key or a token.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from connectors.errors import ConfigError
 
-__all__ = ["TokenCipher", "TokenDecryptionError", "generate_key", "load_or_create_key_file"]
+if TYPE_CHECKING:
+    from sync.state import StateStore
+
+__all__ = [
+    "KeyRotation",
+    "TokenCipher",
+    "TokenDecryptionError",
+    "generate_key",
+    "load_or_create_key_file",
+    "rotate_stored_tokens",
+    "split_keys",
+]
 
 
 class TokenDecryptionError(ConfigError):
@@ -36,8 +50,13 @@ def generate_key() -> str:
     return Fernet.generate_key().decode("ascii")
 
 
+def split_keys(secret_key: str) -> list[str]:
+    """The keys of a key setting, newest first: separated by commas, newlines or other whitespace."""
+    return [p for p in re.split(r"[,\s]+", secret_key) if p]
+
+
 def _parse_keys(secret_key: str) -> list[Fernet]:
-    parts = [p.strip() for p in secret_key.split(",") if p.strip()]
+    parts = split_keys(secret_key)
     if not parts:
         raise ConfigError("the state secret key is empty")
     fernets: list[Fernet] = []
@@ -133,3 +152,67 @@ class TokenCipher:
             raise TokenDecryptionError(
                 "cannot re-encrypt a stored OAuth token: none of the state secret keys opens it"
             ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRotation:
+    """What :func:`rotate_stored_tokens` did: how many stored tokens it found and re-encrypted."""
+
+    tokens: int
+    rotated: int
+    keys: int
+
+
+def rotate_stored_tokens(store: StateStore, secret_key: str) -> KeyRotation:
+    """Re-encrypt every token in ``store`` with the first key of ``secret_key`` (the others only decrypt).
+
+    Each token is rotated under its connection's refresh lock and written back only if it is still the
+    value that was read (a token refreshed meanwhile was already sealed by a daemon; it is read again),
+    so running this while daemons refresh tokens loses nothing. The token itself and its generation are
+    unchanged. Afterwards every token opens with the first key alone, which is checked before returning:
+    the old keys can then be removed from the configuration.
+
+    Raises :class:`TokenDecryptionError` when a stored token opens with none of the keys (nothing written
+    for that token; the ones before it stay rotated, which is harmless).
+    """
+    import sqlalchemy as sa
+
+    from sync.state import TOKENS
+
+    keys = split_keys(secret_key)
+    cipher = TokenCipher(secret_key)
+    newest = Fernet(keys[0].encode("ascii"))
+    with store.engine.connect() as conn:
+        connections = [str(c) for c in conn.execute(sa.select(TOKENS.c.connection).order_by(TOKENS.c.connection))
+                       .scalars()]
+    rotated = 0
+    for connection in connections:
+        with store.token_lock(connection):
+            while True:
+                with store.engine.connect() as conn:
+                    current = conn.execute(
+                        sa.select(TOKENS.c.ciphertext).where(TOKENS.c.connection == connection)
+                    ).scalar()
+                if current is None:
+                    break  # deleted meanwhile
+                fresh = cipher.rotate(str(current))
+                with store.engine.begin() as conn:
+                    changed = conn.execute(
+                        TOKENS.update()
+                        .where(TOKENS.c.connection == connection, TOKENS.c.ciphertext == current)
+                        .values(ciphertext=fresh)
+                    ).rowcount
+                if changed == 1:
+                    rotated += 1
+                    break
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(TOKENS.c.connection, TOKENS.c.ciphertext)).all()
+    for connection, ciphertext in rows:
+        try:
+            newest.decrypt(str(ciphertext).encode("ascii"))
+        except (InvalidToken, UnicodeEncodeError):
+            raise TokenDecryptionError(
+                f"the stored OAuth token of connection {connection!r} is not sealed with the newest key after "
+                "rotation (was it saved meanwhile by a process that does not have the new key first?)"
+            ) from None
+    return KeyRotation(tokens=len(rows), rotated=rotated, keys=len(keys))

@@ -12,6 +12,7 @@ documented rate limits.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ import config as config_pkg
 from config.loader import load_config
 from connectors.errors import ConfigError
 from connectors.sandboxkit import serve
+from metrics.present import customer_names, top_tables
+from metrics.run import MetricsReport, summary_rows
 from sync.runtime import open_runtime
 from sync.sandboxes import build_sandbox
 
@@ -38,6 +41,8 @@ __all__ = ["DEMO_CONFIG", "run_demo"]
 DEMO_CONFIG = Path(config_pkg.__file__).parent / "examples" / "demo.yaml"
 DEMO_COMPANIES = 300
 DEMO_DEALS = 700
+#: Years of ledger history (invoices, payments, credit notes) the demo ledger starts with.
+DEMO_HISTORY_YEARS = 3
 
 
 def _sandbox(vendor: str, seed: int, snapshot: Path, time_scale: float = 1.0) -> Any:
@@ -45,7 +50,8 @@ def _sandbox(vendor: str, seed: int, snapshot: Path, time_scale: float = 1.0) ->
         sb = build_sandbox(vendor, seed=seed, deals=0, time_scale=time_scale)
         sb.load(snapshot)
         return sb
-    return build_sandbox(vendor, seed=seed, deals=DEMO_DEALS, companies=DEMO_COMPANIES, time_scale=time_scale)
+    return build_sandbox(vendor, seed=seed, deals=DEMO_DEALS, companies=DEMO_COMPANIES, time_scale=time_scale,
+                         history_years=DEMO_HISTORY_YEARS)
 
 
 CRM_LABELS = {"hubspot": "HubSpot", "salesforce": "Salesforce", "pipedrive": "Pipedrive"}
@@ -97,6 +103,7 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
         won_total = sum(1 for d in httpx.get(hs_server.url + "/_sandbox/deals", timeout=30).json() if d["won"])
         quiet = as_json or not sys.stdout.isatty()
         results: dict[str, Any] = {}
+        metrics: dict[str, MetricsReport] = {}
         with open_runtime(loaded) as rt:
             for name in rt.pipeline_names(DEMO_PIPELINES[(crm, ledger)]):
                 with rt.runner(name) as runner, Progress(
@@ -112,25 +119,32 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
                     res = runner.run()
                     progress.update(task, completed=won_total)
                 results[name] = res
+            # Customers pay the invoices just created as they usually do (some late, some never), up to today.
+            xero.settle(dt.datetime.now(dt.UTC).date())
+            for name in results:
+                metrics[name] = rt.metrics(name)
+            names = {n: customer_names(rt.store, n) for n in results}
         totals = _ledger_totals(xero_server.url)
         elapsed = time.monotonic() - started
-        code = max((r.exit_code for r in results.values()), default=0)
+        code = max([r.exit_code for r in results.values()] + [m.exit_code for m in metrics.values()], default=0)
         summary = {
             "pipelines": {
                 n: {"status": r.status, "counts": dict(r.counts), "api_calls": r.api_calls, "error": r.error}
                 for n, r in results.items()
             },
             "ledger_invoices": totals["count"],
+            "ledger_history_invoices": totals["history"],
             "ledger_totals": totals["totals"],
             "seconds": round(elapsed, 2),
             "ledger_clock_scale": time_scale,
             "state_dir": str(workdir),
+            "metrics": {n: _metrics_summary(m, names[n]) for n, m in metrics.items()},
         }
         if as_json:
             sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         else:
             _print_summary(console, results, totals, elapsed, workdir, CRM_LABELS[crm], LEDGER_LABELS[ledger],
-                           time_scale)
+                           time_scale, metrics, names)
         return code
     finally:
         crm_sandbox.save(snaps[crm])
@@ -140,17 +154,32 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
 
 
 def _ledger_totals(url: str) -> dict[str, Any]:
+    """Count and totals of the invoices the sync created (references ``LB-...``), and of the others."""
     totals: dict[str, Decimal] = {}
-    count = 0
+    count = history = 0
     for inv in httpx.get(url + "/_sandbox/invoices", timeout=30).json():
+        if not str(inv.get("Reference") or "").startswith("LB-"):
+            history += 1
+            continue
         count += 1
         cur = inv.get("CurrencyCode", "EUR")
         totals[cur] = totals.get(cur, Decimal(0)) + Decimal(str(inv.get("Total", "0")))
-    return {"count": count, "totals": {k: str(v) for k, v in sorted(totals.items())}}
+    return {"count": count, "history": history, "totals": {k: str(v) for k, v in sorted(totals.items())}}
+
+
+def _metrics_summary(report: MetricsReport, names: dict[str, str]) -> dict[str, Any]:
+    top = {}
+    for key in ("clv_predicted", "clv_historical", "revenue_at_risk"):
+        top[key] = [{"customer": names.get(r["customer_id"], r["customer_id"]), key: str(r[key])}
+                    for r in (summary_rows(report.result, key) if report.result else [])]
+    return {"status": report.status, "error": report.error, "currency": report.currency,
+            "customers_written": report.customers.values_written, "deals_written": report.deals.values_written,
+            "company": report.result.to_json()["company"] if report.result else None, "top": top}
 
 
 def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, Any], elapsed: float,
-                   workdir: Path, crm_label: str, ledger_label: str, time_scale: float) -> None:
+                   workdir: Path, crm_label: str, ledger_label: str, time_scale: float,
+                   metrics: dict[str, MetricsReport], names: dict[str, dict[str, str]]) -> None:
     for name, res in results.items():
         t = Table(title=f"LedgerBridge demo: pipeline {name} ({res.status})")
         t.add_column("what")
@@ -174,9 +203,19 @@ def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, 
         if res.error:
             console.print(f"[red]{name}: {res.error}[/red]")
     console.print(
-        f"{ledger_label} now holds {totals['count']} invoices; totals: "
+        f"{ledger_label} now holds {totals['count']} invoices from CRM deals; totals: "
         + ", ".join(f"{v} {k}" for k, v in totals["totals"].items())
+        + f" (and {totals['history']} invoices of earlier years)"
     )
+    for name, report in metrics.items():
+        for table in top_tables(report, names[name]):
+            console.print(table)
+        written = report.customers.values_written + report.deals.values_written
+        console.print(f"{name}: finance metrics as of {report.as_of} ({report.status}); {written} values written to "
+                      f"{crm_label} ({report.customers.records_changed} companies, {report.deals.records_changed} "
+                      "deals); run the demo again and it writes none.")
+        if report.error:
+            console.print(f"[red]{name}: metrics: {report.error}[/red]")
     clock = "the real clock" if time_scale == 1 else f"a clock compressed x{time_scale:g}"
     console.print(f"{crm_label} and {ledger_label} were simulated on 127.0.0.1 by LedgerBridge's sandboxes, on "
                   f"{clock}, with the vendors' documented rate limits.")

@@ -41,6 +41,7 @@ from connectors.interfaces import (
     Ledger,
     LedgerCustomer,
 )
+from sync.factstore import FactStore
 from sync.reconcile import (
     CustomerIndex,
     DealProblem,
@@ -117,6 +118,7 @@ class PipelineRunner:
         self.crm = crm
         self.ledger = ledger
         self.store = store
+        self.facts = FactStore(store)
         self._now = now or (lambda: dt.datetime.now(dt.UTC))
         self.progress = progress
         self._directory: CustomerIndex | None = None
@@ -456,6 +458,8 @@ class PipelineRunner:
     # ------------------------------------------------------------------------------------------------
     def _process_page(self, deals: list[Deal], cursor: Any, counts: Counter[str], result: RunResult) -> None:
         counts["pulled"] += len(deals)
+        # The deals' latest state (forecast, CAC), stored before anything can move the cursor past them.
+        self.facts.save_deals(self.name, deals)
         links = self.store.links(self.name, "deal", [d.crm_id for d in deals])
         plans: list[DealPlan] = []
         for deal in deals:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime as dt
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from config.loader import LoadedConfig
 from config.schema import ConnectorSettings, Pipeline
@@ -12,9 +14,30 @@ from connectors.errors import ConfigError
 from connectors.interfaces import CrmSource, Ledger
 from sync.engine import PipelineRunner
 from sync.logging import configure_logging
+from sync.observability import connectors_built
 from sync.state import StateStore
 
-__all__ = ["Runtime", "effective_pipeline", "open_runtime"]
+if TYPE_CHECKING:
+    from metrics.run import MetricsReport
+
+__all__ = ["JOBS", "JobOutcome", "Runtime", "effective_pipeline", "open_runtime"]
+
+Job = Literal["sync", "ledger", "metrics"]
+#: The jobs of a pipeline: the deal sync, the ledger pull (invoices, credit notes, payments), the metrics.
+JOBS: tuple[Job, ...] = ("sync", "ledger", "metrics")
+
+
+@dataclass
+class JobOutcome:
+    """How one job of one pipeline ended."""
+
+    pipeline: str
+    job: str
+    status: str
+    exit_code: int
+    counts: Mapping[str, int] = field(default_factory=dict)
+    api_calls: Mapping[str, int] = field(default_factory=dict)
+    error: str | None = None
 
 
 def effective_pipeline(pipeline: Pipeline, ledger_settings: ConnectorSettings) -> Pipeline:
@@ -41,18 +64,58 @@ class Runtime:
         return names
 
     @contextmanager
-    def runner(self, name: str) -> Iterator[PipelineRunner]:
+    def connectors(self, name: str) -> Iterator[tuple[Pipeline, CrmSource, Ledger]]:
+        """The pipeline (ledger tax types applied) with its CRM and ledger connectors, closed afterwards."""
         pipeline = effective_pipeline(self.config.app.pipelines[name], self.config.ledger(name))
         tokens = self.store.token_store()
         crm_cls = self.config.crm_class(name)
         ledger_cls = self.config.ledger_class(name)
         crm: CrmSource = crm_cls.from_config(self.config.crm(name).model_dump(), tokens)
-        ledger: Ledger = ledger_cls.from_config(self.config.ledger(name).model_dump(), tokens)
         try:
-            yield PipelineRunner(name, pipeline, crm, ledger, self.store)
+            ledger: Ledger = ledger_cls.from_config(self.config.ledger(name).model_dump(), tokens)
+        except BaseException:
+            crm.close()
+            raise
+        connectors_built(crm, ledger)  # a watching daemon reads their 429 counts and rate budgets
+        try:
+            yield pipeline, crm, ledger
         finally:
             crm.close()
             ledger.close()
+
+    @contextmanager
+    def runner(self, name: str) -> Iterator[PipelineRunner]:
+        with self.connectors(name) as (pipeline, crm, ledger):
+            yield PipelineRunner(name, pipeline, crm, ledger, self.store)
+
+    def metrics(self, name: str, *, dry_run: bool = False, as_of: dt.date | None = None) -> MetricsReport:
+        """Pull the ledger, compute the pipeline's metrics and write the changed values back to the CRM."""
+        from metrics.run import run_metrics
+
+        with self.connectors(name) as (pipeline, crm, ledger):
+            config_dir = self.config.path.parent if self.config.path is not None else None
+            return run_metrics(name, pipeline.metrics, crm, ledger, self.store, config_dir=config_dir,
+                               as_of=as_of, dry_run=dry_run)
+
+    def run_job(self, name: str, job: Job) -> JobOutcome:
+        """Run one job of pipeline ``name``; vendor problems end in the outcome, not raised."""
+        if job == "sync":
+            with self.runner(name) as runner:
+                res = runner.run()
+            return JobOutcome(name, job, res.status, res.exit_code, dict(res.counts), dict(res.api_calls), res.error)
+        if job == "ledger":
+            from sync.ledgerpull import LedgerPull
+
+            with self.connectors(name) as (_pipeline, _crm, ledger):
+                pulled = LedgerPull(name, ledger, self.store).run()
+            return JobOutcome(name, job, pulled.status, pulled.exit_code, pulled.counts, pulled.api_calls,
+                              pulled.error)
+        if job == "metrics":
+            report = self.metrics(name)
+            counts = {"values_written": report.customers.values_written + report.deals.values_written,
+                      "customers": len(report.result.customers) if report.result else 0}
+            return JobOutcome(name, job, report.status, report.exit_code, counts, report.api_calls, report.error)
+        raise ValueError(f"unknown job {job!r}; jobs: {', '.join(JOBS)}")
 
     def close(self) -> None:
         self.store.close()

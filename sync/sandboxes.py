@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from connectors.sandboxkit import Clock, SandboxApp
@@ -26,9 +27,25 @@ def build_sandbox(
     won_share: float = 0.45,
     lines_per_deal: int | None = None,
     clock: Clock | None = None,
+    history_years: int = 0,
+    today: dt.date | None = None,
 ) -> SandboxApp:
-    """A sandbox of ``vendor``; CRM sandboxes are loaded with a generated book of ``deals`` deals."""
+    """A sandbox of ``vendor``; CRM sandboxes are loaded with a generated book of ``deals`` deals.
+
+    With ``history_years``, a ledger sandbox is loaded with that many years of invoices, payments, credit
+    notes and expenses of the same book's companies up to ``today`` (default: the current UTC date).
+    """
     clock = clock or Clock(scale=time_scale)
+    if history_years and vendor in LEDGER_SANDBOXES:
+        from connectors.seedbook import generate_book
+        from connectors.seedhistory import generate_history
+
+        ledger = build_sandbox(vendor, seed=seed, deals=0, faults=faults, clock=clock)
+        book = generate_book(seed, companies=companies if companies is not None else max(deals // 2, 1),
+                             deals=deals, won_share=won_share, lines_per_deal=lines_per_deal)
+        day = today or dt.datetime.now(dt.UTC).date()
+        ledger.load_history(book, generate_history(book, seed=seed, today=day, years=history_years))  # type: ignore[attr-defined]
+        return ledger
     if vendor in CRM_SANDBOXES:
         from connectors.seedbook import generate_book
 

@@ -217,6 +217,7 @@ class RunRecord(_StateModel, table=True):
     error: str | None = Field(default=None, sa_type=sa.Text(), nullable=True)
     pid: int | None = Field(default=None, sa_type=sa.Integer(), nullable=True)
     host: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    job: str = Field(default="sync", sa_type=sa.String(), nullable=False, sa_column_kwargs={"server_default": "sync"})
 
 
 class CursorRecord(_StateModel, table=True):
@@ -319,6 +320,165 @@ class TokenRecord(_StateModel, table=True):
     updated_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
 
 
+class DecimalText(sa.TypeDecorator[Decimal]):
+    """An exact decimal stored as its text (no binary float on any database); floats are refused."""
+
+    impl = sa.String()
+    cache_ok = True
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, Decimal):
+            raise TypeError(f"a {type(value).__name__} cannot be stored as a decimal; pass a Decimal")
+        return str(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Decimal | None:
+        return None if value is None else Decimal(value)
+
+
+class LedgerInvoiceRecord(_StateModel, table=True):
+    """A sales invoice as last read from the ledger (every invoice of the organisation, not only ours)."""
+
+    __tablename__ = "ledger_invoices"
+    __table_args__ = (sa.Index("ix_ledger_invoices_pipeline_customer", "pipeline", "customer_ledger_id"),)
+
+    pipeline: str = Field(primary_key=True, sa_type=sa.String())
+    ledger_id: str = Field(primary_key=True, sa_type=sa.String())
+    number: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    reference: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    customer_ledger_id: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    currency: str = Field(sa_type=sa.String(), nullable=False)
+    issue_date: dt.date = Field(sa_type=sa.Date(), nullable=False)
+    due_date: dt.date | None = Field(default=None, sa_type=sa.Date(), nullable=True)
+    status: str = Field(sa_type=sa.String(), nullable=False)
+    subtotal: Decimal = Field(sa_type=DecimalText, nullable=False)
+    total: Decimal = Field(sa_type=DecimalText, nullable=False)
+    amount_paid: Decimal | None = Field(default=None, sa_type=DecimalText, nullable=True)
+    amount_due: Decimal | None = Field(default=None, sa_type=DecimalText, nullable=True)
+    exchange_rate: Decimal | None = Field(default=None, sa_type=DecimalText, nullable=True)
+    lines: list[Any] = Field(default_factory=list, sa_type=JSONValue, nullable=False)
+    url: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    updated_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    pulled_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class LedgerCreditNoteRecord(_StateModel, table=True):
+    __tablename__ = "ledger_credit_notes"
+
+    pipeline: str = Field(primary_key=True, sa_type=sa.String())
+    ledger_id: str = Field(primary_key=True, sa_type=sa.String())
+    number: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    customer_ledger_id: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    currency: str = Field(sa_type=sa.String(), nullable=False)
+    issue_date: dt.date = Field(sa_type=sa.Date(), nullable=False)
+    status: str = Field(sa_type=sa.String(), nullable=False)
+    subtotal: Decimal = Field(sa_type=DecimalText, nullable=False)
+    total: Decimal = Field(sa_type=DecimalText, nullable=False)
+    remaining: Decimal = Field(sa_type=DecimalText, nullable=False)
+    credited_invoice_id: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    allocations: list[Any] = Field(default_factory=list, sa_type=JSONValue, nullable=False)
+    exchange_rate: Decimal | None = Field(default=None, sa_type=DecimalText, nullable=True)
+    updated_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    pulled_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class LedgerPaymentRecord(_StateModel, table=True):
+    __tablename__ = "ledger_payments"
+
+    pipeline: str = Field(primary_key=True, sa_type=sa.String())
+    ledger_id: str = Field(primary_key=True, sa_type=sa.String())
+    invoice_ledger_id: str = Field(sa_type=sa.String(), nullable=False)
+    amount: Decimal = Field(sa_type=DecimalText, nullable=False)
+    currency: str = Field(sa_type=sa.String(), nullable=False)
+    date: dt.date = Field(sa_type=sa.Date(), nullable=False)
+    status: str = Field(sa_type=sa.String(), nullable=False)
+    updated_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    pulled_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class CrmDealRecord(_StateModel, table=True):
+    """The last state of every deal the sync pulled (open, won and lost), for the forecast and CAC."""
+
+    __tablename__ = "crm_deals"
+
+    pipeline: str = Field(primary_key=True, sa_type=sa.String())
+    deal_id: str = Field(primary_key=True, sa_type=sa.String())
+    customer_id: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    name: str = Field(default="", sa_type=sa.String(), nullable=False)
+    amount: Decimal | None = Field(default=None, sa_type=DecimalText, nullable=True)
+    currency: str = Field(sa_type=sa.String(), nullable=False)
+    stage: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    probability: Decimal | None = Field(default=None, sa_type=DecimalText, nullable=True)
+    is_won: bool = Field(default=False, sa_type=sa.Boolean(), nullable=False)
+    is_closed: bool = Field(default=False, sa_type=sa.Boolean(), nullable=False)
+    archived: bool = Field(default=False, sa_type=sa.Boolean(), nullable=False)
+    close_date: dt.date | None = Field(default=None, sa_type=sa.Date(), nullable=True)
+    created_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    acquisition_source: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    owner: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    updated_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class CrmCustomerRecord(_StateModel, table=True):
+    __tablename__ = "crm_customers"
+
+    pipeline: str = Field(primary_key=True, sa_type=sa.String())
+    customer_id: str = Field(primary_key=True, sa_type=sa.String())
+    name: str = Field(sa_type=sa.String(), nullable=False)
+    acquisition_source: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    created_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    updated_at: dt.datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+
+
+class FieldValueRecord(_StateModel, table=True):
+    """The value last written to a CRM field, so a write-back sends only what changed."""
+
+    __tablename__ = "field_values"
+
+    pipeline: str = Field(primary_key=True, sa_type=sa.String())
+    object_type: str = Field(primary_key=True, sa_type=sa.String())
+    object_id: str = Field(primary_key=True, sa_type=sa.String())
+    field: str = Field(primary_key=True, sa_type=sa.String())
+    value: str | None = Field(default=None, sa_type=sa.Text(), nullable=True)
+    written_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class ForecastSnapshotRecord(_StateModel, table=True):
+    """The weighted forecast of a month as it stood when the month began (first metrics run of the month)."""
+
+    __tablename__ = "forecast_snapshots"
+
+    pipeline: str = Field(primary_key=True, sa_type=sa.String())
+    month: str = Field(primary_key=True, sa_type=sa.String())  # YYYY-MM
+    currency: str = Field(sa_type=sa.String(), nullable=False)
+    weighted: Decimal = Field(sa_type=DecimalText, nullable=False)
+    taken_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class JobLeaseRecord(_StateModel, table=True):
+    """Who runs a (pipeline, job) now: a lease that expires unless its holder renews it."""
+
+    __tablename__ = "job_leases"
+
+    name: str = Field(primary_key=True, sa_type=sa.String())
+    owner: str = Field(sa_type=sa.String(), nullable=False)
+    token: int = Field(default=0, sa_type=sa.Integer(), nullable=False)
+    acquired_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+    expires_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class WebhookEventRecord(_StateModel, table=True):
+    """A verified webhook event, kept so that a redelivery is recognised and processed once."""
+
+    __tablename__ = "webhook_events"
+
+    source: str = Field(primary_key=True, sa_type=sa.String())
+    event_id: str = Field(primary_key=True, sa_type=sa.String())
+    pipeline: str | None = Field(default=None, sa_type=sa.String(), nullable=True)
+    received_at: dt.datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
 #: The metadata of the state tables (the target of the Alembic migrations).
 METADATA: sa.MetaData = _StateModel.metadata
 RUNS = METADATA.tables["runs"]
@@ -328,6 +488,15 @@ INTENTS = METADATA.tables["intents"]
 FLAGS = METADATA.tables["flags"]
 AUDIT = METADATA.tables["audit_events"]
 TOKENS = METADATA.tables["oauth_tokens"]
+LEDGER_INVOICES = METADATA.tables["ledger_invoices"]
+LEDGER_CREDIT_NOTES = METADATA.tables["ledger_credit_notes"]
+LEDGER_PAYMENTS = METADATA.tables["ledger_payments"]
+CRM_DEALS = METADATA.tables["crm_deals"]
+CRM_CUSTOMERS = METADATA.tables["crm_customers"]
+FIELD_VALUES = METADATA.tables["field_values"]
+FORECAST_SNAPSHOTS = METADATA.tables["forecast_snapshots"]
+JOB_LEASES = METADATA.tables["job_leases"]
+WEBHOOK_EVENTS = METADATA.tables["webhook_events"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,6 +588,7 @@ class RunRow:
     error: str | None
     pid: int | None
     host: str | None
+    job: str = "sync"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -743,8 +913,8 @@ class StateStore:
 
     # ---- runs -----------------------------------------------------------------------------------
 
-    def start_run(self, pipeline: str) -> str:
-        """Record a run as started; returns its id."""
+    def start_run(self, pipeline: str, job: str = "sync") -> str:
+        """Record a run of ``job`` (sync, ledger, metrics) as started; returns its id."""
         run_id = str(uuid.uuid4())
         with self._write() as conn:
             conn.execute(
@@ -757,6 +927,7 @@ class StateStore:
                     api_calls={},
                     pid=os.getpid(),
                     host=socket.gethostname(),
+                    job=job,
                 )
             )
         return run_id
@@ -1409,3 +1580,44 @@ class StateStore:
         finally:
             lock.release()
 
+
+    # ---- webhook events (the receiver's dedupe table) ---------------------------------------------
+
+    #: How long a received webhook event is remembered; vendors stop retrying a delivery well before
+    #: (Xero after 24 hours, HubSpot after 3 days).
+    WEBHOOK_EVENT_RETENTION = dt.timedelta(days=7)
+
+    def record_webhook_events(self, source: str, pipeline: str | None, event_ids: Sequence[str]) -> list[str]:
+        """Remember verified webhook events; returns the ids seen for the first time, in their order.
+
+        ``source`` names the sender and the endpoint (the receiver uses ``<vendor>:<pipeline>``). Each id is
+        written with INSERT ... ON CONFLICT DO NOTHING in one transaction, so a redelivery, even one
+        arriving at the same moment on another connection or replica, comes back as not new.
+        """
+        ids = _unique(event_ids)
+        if not ids:
+            return []
+        now = _utcnow()
+        new: list[str] = []
+        with self._write() as conn:
+            for event_id in ids:
+                stmt = self._insert(WEBHOOK_EVENTS).values(
+                    source=source, event_id=event_id, pipeline=pipeline, received_at=now
+                ).on_conflict_do_nothing(index_elements=[WEBHOOK_EVENTS.c.source, WEBHOOK_EVENTS.c.event_id])
+                if conn.execute(stmt).rowcount == 1:
+                    new.append(event_id)
+        return new
+
+    def prune_webhook_events(self, older_than: dt.timedelta | None = None, *, now: dt.datetime | None = None) -> int:
+        """Forget webhook events received more than ``older_than`` (default 7 days) ago; returns how many."""
+        cutoff = (_utcnow() if now is None else _as_utc(now, "now")) - (older_than or self.WEBHOOK_EVENT_RETENTION)
+        with self._write() as conn:
+            return int(conn.execute(WEBHOOK_EVENTS.delete().where(WEBHOOK_EVENTS.c.received_at < cutoff)).rowcount)
+
+    def webhook_event_count(self, source: str | None = None) -> int:
+        """How many webhook events are remembered (of one source, or all)."""
+        stmt = sa.select(sa.func.count()).select_from(WEBHOOK_EVENTS)
+        if source is not None:
+            stmt = stmt.where(WEBHOOK_EVENTS.c.source == source)
+        with self._read() as conn:
+            return int(conn.execute(stmt).scalar_one())

@@ -1,12 +1,13 @@
-"""`ledgerbridge daemon`: scheduled sync, health and readiness probes, one daemon per SQLite file, clean stops."""
+"""`ledgerbridge daemon`: scheduled jobs, probes and metrics, one daemon per SQLite file, stops, reloads, pauses."""
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +15,27 @@ from typing import IO
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
+from config.loader import load_config
+from config.schema import Schedule
+from connectors.errors import ConfigError
 from connectors.hubspot.sandbox import HubSpotSandbox
 from connectors.sandboxkit import FaultPlan, SandboxServer, serve
 from connectors.seedbook import generate_book
 from connectors.xero.sandbox import XeroSandbox
 from sync.crypto import generate_key
-from sync.daemon import OpsServer, Readiness
-from sync.state import StateStore
+from sync.daemon import Daemon as Daemon_
+from sync.daemon import DaemonOptions, OpsServer, Readiness, job_schedules, schedule_trigger
+from sync.leases import Leases
+from sync.observability import DaemonMetrics
+from sync.runtime import open_runtime
+from sync.state import RunRow, StateStore
 from tests.harness import REPO, cli, run_cli, wait_until, write_config
 
 SCHEDULE = "    schedule:\n      interval_minutes: 1\n"
+NO_METRICS = "    metrics:\n      enabled: false\n"
 
 
 @dataclass
@@ -75,19 +86,23 @@ class Daemon:
 StartDaemon = Callable[..., Daemon]
 
 
-def _config(tmp_path: Path, v: Vendors) -> Path:
+def _config(tmp_path: Path, v: Vendors, extra: str = NO_METRICS) -> Path:
     return write_config(tmp_path / "lb.yaml", hubspot_url=v.hubspot_url, xero_url=v.xero_url,
                         refresh_token=v.xero.issue_tokens()["refresh_token"],
-                        state_url=f"sqlite:///{tmp_path / 'state.db'}", extra=SCHEDULE)
+                        state_url=f"sqlite:///{tmp_path / 'state.db'}", extra=SCHEDULE + extra)
+
+
+def _sync_runs(store: StateStore, limit: int = 20) -> list[RunRow]:
+    return [r for r in store.recent_runs(limit) if r.job == "sync"]
 
 
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
     started: list[tuple[Daemon, IO[str]]] = []
 
-    def start(cfg: Path, name: str = "daemon") -> Daemon:
+    def start(cfg: Path, name: str = "daemon", args: tuple[str, ...] = ()) -> Daemon:
         err = (tmp_path / f"{name}.stderr").open("w")
-        proc = subprocess.Popen(cli("daemon", "-c", str(cfg), "--port", "0"), cwd=REPO, text=True,
+        proc = subprocess.Popen(cli("daemon", "-c", str(cfg), "--port", "0", *args), cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=err)
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
@@ -127,8 +142,9 @@ def _assert_quiet(stderr: str) -> None:
 def test_daemon_invoices_won_deals_serves_probes_refuses_a_second_daemon_and_stops_on_sigterm(
     vendors: Vendors, tmp_path: Path, start_daemon: StartDaemon
 ) -> None:
-    """The first run starts at once; a second daemon on the SQLite file exits 1; SIGTERM exits 0 within 10 s."""
-    cfg = _config(tmp_path, vendors)
+    """Every job runs once at start; /metrics tells what they did; a second daemon on the SQLite file exits 1;
+    SIGTERM exits 0 within 10 s."""
+    cfg = _config(tmp_path, vendors, extra="")  # metrics enabled: all three jobs
     daemon = start_daemon(cfg)
 
     assert _get(daemon.ops + "/healthz").status_code == 200
@@ -139,6 +155,33 @@ def test_daemon_invoices_won_deals_serves_probes_refuses_a_second_daemon_and_sto
     assert len(won) >= 10
     assert wait_until(lambda: set(vendors.invoice_references()) == won, timeout=20), daemon.stderr()[-3000:]
     assert sorted(vendors.invoice_references()) == sorted(won)  # one invoice per won deal
+
+    store = StateStore.open(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        assert wait_until(lambda: {(r.job, r.status) for r in store.recent_runs(10)} >= {
+            ("sync", "ok"), ("ledger", "ok"), ("metrics", "ok")}, timeout=30), store.recent_runs(10)
+        cursor = store.get_cursor("main", "deals")
+    finally:
+        store.close()
+    assert cursor is not None
+    families = {f.name: f for f in text_string_to_metric_families(_get(daemon.ops + "/metrics").text)}
+    runs = {(s.labels["job"], s.labels["status"]): s.value for s in families["ledgerbridge_job_runs"].samples
+            if s.name.endswith("_total")}
+    assert runs == {("sync", "ok"): 1, ("ledger", "ok"): 1, ("metrics", "ok"): 1}
+    created = [s.value for s in families["ledgerbridge_invoices_created"].samples if s.name.endswith("_total")]
+    assert created == [len(won)]
+    calls = {s.labels["vendor"]: s.value for s in families["ledgerbridge_api_calls"].samples
+             if s.name.endswith("_total")}
+    assert calls.keys() == {"hubspot", "xero"}
+    assert all(v > 0 for v in calls.values())
+    budgets = {s.labels["vendor"]: s.value for s in families["ledgerbridge_rate_budget_remaining"].samples}
+    assert budgets.keys() == {"hubspot", "xero"}
+    success = {s.labels["job"]: s.value for s in families["ledgerbridge_last_success_timestamp_seconds"].samples}
+    assert set(success) == {"sync", "ledger", "metrics"}
+    assert all(abs(v - time.time()) < 120 for v in success.values())
+    lag = [s for s in families["ledgerbridge_crm_lag_seconds"].samples if s.labels["pipeline"] == "main"]
+    assert len(lag) == 1  # the time since the newest CRM change the sync has handled
+    assert lag[0].value == pytest.approx(time.time() - cursor.value.timestamp(), abs=30)
 
     second = run_cli("daemon", "-c", str(cfg), "--port", "0", timeout=30)
     assert second.returncode == 1, second.stdout + second.stderr
@@ -171,9 +214,9 @@ def test_daemon_restarted_on_the_same_database_creates_nothing_and_stops_on_sigi
     # Its first run starts at once; wait until it has finished (the state records it), then compare.
     store = StateStore.open(f"sqlite:///{tmp_path / 'state.db'}")
     try:
-        assert wait_until(lambda: len([r for r in store.recent_runs(10) if r.status != "running"]) >= 2,
+        assert wait_until(lambda: len([r for r in _sync_runs(store) if r.status != "running"]) >= 2,
                           timeout=20), again.stderr()[-3000:]
-        runs = store.recent_runs(10)
+        runs = _sync_runs(store)
     finally:
         store.close()
     assert runs[0].counts.get("created", 0) == 0, runs[0]
@@ -195,19 +238,20 @@ def test_sigterm_lets_the_run_in_flight_finish_and_a_second_signal_stops_at_once
     try:
         vendors.xero.faults = FaultPlan("w:latency=1:1.0")  # every ledger write takes a second
         graceful = start_daemon(cfg, "graceful")
-        assert wait_until(lambda: any(r.status == "running" for r in store.recent_runs(5)), timeout=15)
+        assert wait_until(lambda: any(r.status == "running" for r in _sync_runs(store)), timeout=15)
         graceful.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert graceful.proc.poll() is None, "the daemon did not wait for the run in flight"
         assert graceful.proc.wait(30) == 0
-        assert [r.status for r in store.recent_runs(5)] == ["ok"]
+        assert [r.status for r in _sync_runs(store)] == ["ok"]
+        assert all(r.finished_at is not None for r in store.recent_runs(10))  # the ledger pull finished too
         assert sorted(vendors.invoice_references()) == sorted(vendors.won_references())
         _assert_quiet(graceful.stderr())
 
         vendors.xero.faults = FaultPlan(None)
         vendors.hubspot.faults = FaultPlan("latency=1:1.0")  # now every CRM call takes a second
         forced = start_daemon(cfg, "forced")
-        assert wait_until(lambda: len(store.recent_runs(5)) == 2, timeout=15)
+        assert wait_until(lambda: len(_sync_runs(store)) == 2, timeout=15)
         forced.proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
         assert forced.proc.poll() is None
@@ -335,3 +379,278 @@ def test_ops_server_logs_no_request_line_even_for_malformed_requests(capfd: pyte
     captured = capfd.readouterr()
     assert captured.out == ""
     assert captured.err == ""
+
+
+class _Recorder:
+    """A webhook handler that records what it was given and answers what it is told."""
+
+    def __init__(self, answer: tuple[int, bytes] = (202, b'{"queued":true}'), fail: bool = False) -> None:
+        self.calls: list[tuple[str, str, dict[str, str], bytes, float, str | None]] = []
+        self.answer = answer
+        self.fail = fail
+
+    def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+               now: float) -> tuple[int, bytes]:
+        self.calls.append((method, path, dict(headers), body, now, headers.get("X-HUBSPOT-SIGNATURE-V3")))
+        if self.fail:
+            raise RuntimeError("handler failure")
+        return self.answer
+
+
+def test_ops_server_serves_metrics_and_hands_webhooks_to_the_handler() -> None:
+    """/metrics answers the Prometheus text; /webhooks/... gets the raw request; other POSTs are 404."""
+    readiness = Readiness()
+    recorder = _Recorder()
+    server = OpsServer("127.0.0.1", 0, readiness.problems, metrics=lambda: b"# HELP x y\n# TYPE x gauge\nx 1.0\n",
+                       webhooks=recorder)
+    try:
+        scraped = _get(server.url + "/metrics")
+        assert scraped.status_code == 200
+        assert scraped.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert [f.name for f in text_string_to_metric_families(scraped.text)] == ["x"]
+
+        before = time.time()
+        body = b'[{"eventId": 1, "subscriptionType": "deal.propertyChange"}]'
+        answer = httpx.post(server.url + "/webhooks/hubspot/main?x=1", content=body, timeout=5,
+                            headers={"X-HubSpot-Signature-v3": "c2lnbmF0dXJl", "Content-Type": "application/json"})
+        assert (answer.status_code, answer.content) == (202, b'{"queued":true}')
+        assert answer.headers["content-type"] == "application/json"
+        method, path, headers, got, now, signature = recorder.calls[-1]
+        assert (method, path, got) == ("POST", "/webhooks/hubspot/main?x=1", body)
+        assert signature == "c2lnbmF0dXJl"  # header lookup ignores case
+        assert headers["X-HubSpot-Signature-v3"] == "c2lnbmF0dXJl"
+        assert before <= now <= time.time()
+
+        assert _get(server.url + "/webhooks/xero").status_code == 202
+        assert recorder.calls[-1][:2] == ("GET", "/webhooks/xero")
+        assert httpx.post(server.url + "/readyz", content=b"x", timeout=5).status_code == 404
+        too_big = httpx.post(server.url + "/webhooks/xero", content=b"x" * (1 << 20 | 1), timeout=5)
+        assert too_big.status_code == 413
+        assert len(recorder.calls) == 2
+
+        recorder.fail = True
+        assert httpx.post(server.url + "/webhooks/xero", content=b"{}", timeout=5).status_code == 500
+        assert _get(server.url + "/healthz").status_code == 200  # the server survives its handler
+
+        server.set_webhooks(None)
+        assert httpx.post(server.url + "/webhooks/xero", content=b"{}", timeout=5).status_code == 404
+    finally:
+        server.stop()
+    bare = OpsServer("127.0.0.1", 0, readiness.problems)
+    try:
+        assert _get(bare.url + "/metrics").status_code == 404
+    finally:
+        bare.stop()
+
+
+# ---- schedules ------------------------------------------------------------------------------------
+
+
+def _fires(schedule: Schedule, start: dt.datetime, count: int) -> list[dt.datetime]:
+    trigger = schedule_trigger(schedule)
+    out: list[dt.datetime] = []
+    previous: dt.datetime | None = None
+    now = start
+    for _ in range(count):
+        nxt = trigger.get_next_fire_time(previous, now)
+        assert nxt is not None
+        out.append(nxt)
+        previous, now = nxt, nxt
+    return out
+
+
+def test_schedules_read_crontab_weekdays_as_crontab_does_and_take_a_seconds_field() -> None:
+    """Crontab counts weekdays from Sunday (0 and 7); a sixth, leading field gives seconds; intervals are minutes."""
+    monday = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)  # a Monday
+    assert monday.weekday() == 0
+    at_nine = _fires(Schedule(cron="0 9 * * 1"), monday - dt.timedelta(days=1), 2)
+    assert [d.strftime("%a %H:%M") for d in at_nine] == ["Mon 09:00", "Mon 09:00"]
+    weekdays = _fires(Schedule(cron="30 6 * * 1-5"), monday, 6)
+    assert [d.strftime("%a") for d in weekdays] == ["Mon", "Tue", "Wed", "Thu", "Fri", "Mon"]
+    sundays = _fires(Schedule(cron="0 0 * * 0,7"), monday, 2)
+    assert [d.strftime("%a %d") for d in sundays] == ["Sun 29", "Sun 06"]
+    named = _fires(Schedule(cron="0 12 * * sat"), monday, 1)
+    assert [d.strftime("%a %H") for d in named] == ["Sat 12"]
+
+    every_five = _fires(Schedule(cron="*/5 * * * * *"), monday, 3)
+    assert [(d - monday).total_seconds() for d in every_five] == [0, 5, 10]
+    quarter = _fires(Schedule(interval_minutes=15), monday, 2)
+    assert (quarter[1] - quarter[0]) == dt.timedelta(minutes=15)
+
+    for bad in ("0 9 * *", "61 * * * *", "* * * * * * *", "0 9 * * funday"):
+        with pytest.raises(ConfigError, match="cron expression"):
+            schedule_trigger(Schedule(cron=bad))
+
+
+def test_job_schedules_follow_the_pipeline_config(tmp_path: Path) -> None:
+    """sync, ledger (60 minutes by default) and metrics; no metrics job when metrics are disabled."""
+    cfg = write_config(tmp_path / "lb.yaml", hubspot_url="http://127.0.0.1:9", xero_url="http://127.0.0.1:9",
+                       refresh_token="r", state_url=f"sqlite:///{tmp_path / 'state.db'}",
+                       extra="    schedule:\n      cron: '*/10 * * * * *'\n")
+    pipeline = load_config(cfg).app.pipelines["main"]
+    jobs = job_schedules(pipeline)
+    assert list(jobs) == ["sync", "ledger", "metrics"]
+    assert jobs["sync"].cron == "*/10 * * * * *"
+    assert jobs["ledger"].interval_minutes == 60
+    assert jobs["metrics"] == pipeline.metrics.schedule
+    off = pipeline.model_copy(update={"metrics": pipeline.metrics.model_copy(update={"enabled": False})})
+    assert list(job_schedules(off)) == ["sync", "ledger"]
+
+
+def test_a_bad_schedule_stops_the_start_with_exit_1(vendors: Vendors, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "lb.yaml", hubspot_url=vendors.hubspot_url, xero_url=vendors.xero_url,
+                       refresh_token="r", state_url=f"sqlite:///{tmp_path / 'state.db'}",
+                       extra="    ledger_schedule:\n      cron: '0 25 * * *'\n")
+    bad = run_cli("daemon", "-c", str(cfg), "--port", "0", timeout=30)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "pipelines.main: ledger schedule: cron expression '0 25 * * *'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert bad.stdout == ""
+
+
+# ---- stop timeout and reloads ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_exits_0_after_the_stop_timeout_when_a_run_does_not_finish(
+    vendors: Vendors, tmp_path: Path, start_daemon: StartDaemon
+) -> None:
+    """A run still going after --stop-timeout is abandoned (its intents are committed); the exit code is 0."""
+    cfg = _config(tmp_path, vendors)
+    vendors.hubspot.faults = FaultPlan("latency=1:5.0")  # every CRM call takes five seconds
+    store = StateStore.open(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        daemon = start_daemon(cfg, args=("--stop-timeout", "1"))
+        assert wait_until(lambda: any(r.status == "running" for r in _sync_runs(store)), timeout=15)
+        code, took = daemon.stop(signal.SIGTERM)
+        assert code == 0
+        assert 1 <= took < 4
+        assert "stop timeout" in daemon.stderr()
+        assert [r.status for r in _sync_runs(store)] == ["running"]  # left as it was; the next run settles it
+        assert vendors.invoice_references() == []
+    finally:
+        store.close()
+
+
+def _two_pipelines(cfg: Path) -> str:
+    """The config with a second pipeline, ``extra``, a copy of ``main`` (same CRM and ledger)."""
+    text = cfg.read_text()
+    head, _, block = text.partition("pipelines:\n")
+    return head + "pipelines:\n" + block + block.replace("  main:\n", "  extra:\n", 1)
+
+
+@pytest.mark.timeout(60)
+def test_sighup_or_a_changed_file_reloads_the_config_and_an_invalid_one_keeps_the_running_one(
+    vendors: Vendors, tmp_path: Path, start_daemon: StartDaemon
+) -> None:
+    """An invalid file is logged and reported by /readyz while the daemon keeps running; a valid one is applied:
+    a pipeline added to it starts."""
+    cfg = _config(tmp_path, vendors)
+    valid = _two_pipelines(cfg)
+    daemon = start_daemon(cfg, args=("--reload-interval", "0.3"))
+    won = vendors.won_references()
+    assert wait_until(lambda: set(vendors.invoice_references()) == won, timeout=20), daemon.stderr()[-3000:]
+
+    cfg.write_text(valid.replace("interval_minutes: 1", "interval_minutes: 0"))  # fails validation
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "config file invalid" in _get(daemon.ops + "/readyz").text, timeout=10)
+    assert _get(daemon.ops + "/readyz").status_code == 503
+    assert "config reload failed" in daemon.stderr()
+    assert "interval_minutes" in daemon.stderr()
+    scraped = {f.name: f for f in text_string_to_metric_families(_get(daemon.ops + "/metrics").text)}
+    assert scraped["ledgerbridge_config_valid"].samples[0].value == 0
+    assert daemon.proc.poll() is None
+
+    cfg.write_text(valid)  # no signal: the poll sees the change
+    assert wait_until(lambda: _ready(daemon.ops), timeout=10), _get(daemon.ops + "/readyz").text
+    extra = {r.replace("LB-main:", "LB-extra:") for r in won}
+    assert wait_until(lambda: set(vendors.invoice_references()) == won | extra, timeout=20), daemon.stderr()[-3000:]
+    assert sorted(vendors.invoice_references()) == sorted(won | extra)
+    assert "config reloaded" in daemon.stderr()
+    assert daemon.stop(signal.SIGTERM)[0] == 0
+    _assert_quiet(daemon.stderr())
+
+
+# ---- revoked connections, triggers (daemon in this process) ---------------------------------------
+
+
+@contextmanager
+def _in_process(cfg: Path, lease_s: float = 5.0) -> Iterator[tuple[Daemon_, DaemonMetrics, StateStore]]:
+    loaded = load_config(cfg)
+    with open_runtime(loaded, configure_logs=False) as rt:
+        metrics = DaemonMetrics("test-replica")
+        daemon = Daemon_(loaded, rt, Leases(rt.store, "test-replica", lease_s), metrics,
+                         DaemonOptions(lease_s=lease_s, stop_timeout_s=20))
+        daemon.start()
+        try:
+            yield daemon, metrics, rt.store
+        finally:
+            assert daemon.stop()
+
+
+def _sample(metrics: DaemonMetrics, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_a_revoked_connection_pauses_its_pipeline_until_a_new_refresh_token_is_configured(
+    vendors: Vendors, tmp_path: Path
+) -> None:
+    """invalid_grant (after re-reading the store) pauses the pipeline with an alert: triggers make no run and no
+    token call; a reload with a new refresh token resumes it, and the new token replaces the dead stored one."""
+    cfg = _config(tmp_path, vendors)
+    with capture_logs() as logs, _in_process(cfg) as (daemon, metrics, store):
+        assert wait_until(lambda: [r.status for r in _sync_runs(store)] == ["ok"], timeout=20)
+        assert wait_until(lambda: not daemon.running_jobs(), timeout=20)
+        vendors.xero.revoke_refresh_tokens()
+        vendors.xero.expire_access_tokens()
+        assert daemon.trigger("main", "ledger")  # the ledger pull always calls the ledger
+        assert wait_until(lambda: daemon.paused_pipelines() == ["main"], timeout=20)
+        failed = store.recent_runs(1)[0]
+        assert (failed.job, failed.status) == ("ledger", "failed")
+        assert "invalid_grant" in (failed.error or "")
+        assert _sample(metrics, "ledgerbridge_pipeline_paused", pipeline="main") == 1
+        assert _sample(metrics, "ledgerbridge_token_refresh_failures_total", pipeline="main") == 1
+        alerts = [e for e in logs if e.get("alert") == "reauthorisation_required"]
+        assert len(alerts) == 1
+        assert alerts[0]["log_level"] == "error"
+
+        refresh_calls = vendors.xero.refresh_calls
+        runs = len(store.recent_runs(50))
+        for job in ("sync", "ledger"):
+            assert daemon.trigger("main", job)
+        time.sleep(1.5)
+        assert len(store.recent_runs(50)) == runs  # paused: no run, no retry loop
+        assert vendors.xero.refresh_calls == refresh_calls
+        assert not daemon.trigger("main", "nope")
+        assert not daemon.trigger("nope", "sync")
+
+        reauthorised = vendors.xero.issue_tokens()["refresh_token"]
+        text = cfg.read_text()
+        old_token = text.split("refresh_token: ", 1)[1].split("\n", 1)[0]
+        cfg.write_text(text.replace(old_token, reauthorised))
+        assert daemon.reload("test")
+        assert daemon.paused_pipelines() == []
+        assert _sample(metrics, "ledgerbridge_pipeline_paused", pipeline="main") == 0
+        assert daemon.trigger("main", "ledger")
+        assert wait_until(lambda: [(r.job, r.status) for r in store.recent_runs(1)] == [("ledger", "ok")], timeout=20)
+        assert vendors.xero.refresh_calls == refresh_calls + 1  # the configured token, once
+    assert sorted(vendors.invoice_references()) == sorted(vendors.won_references())
+
+
+@pytest.mark.timeout(60)
+def test_a_trigger_during_a_run_runs_the_job_again_right_after_it(vendors: Vendors, tmp_path: Path) -> None:
+    """A change noticed while the job runs is not lost: the job runs once more when the run in flight ends."""
+    cfg = _config(tmp_path, vendors)
+    vendors.hubspot.faults = FaultPlan("latency=1:0.5")
+    with _in_process(cfg) as (daemon, _metrics, store):
+        assert wait_until(lambda: "main:sync" in daemon.running_jobs(), timeout=10)
+        assert daemon.trigger("main", "sync")
+        assert daemon.trigger("main", "sync")  # collapses with the first
+        assert wait_until(lambda: len([r for r in _sync_runs(store) if r.status == "ok"]) == 2, timeout=30)
+        time.sleep(1.0)
+        assert len(_sync_runs(store)) == 2

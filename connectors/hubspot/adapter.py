@@ -12,11 +12,19 @@ Pulling changed deals
     query from the last id before the 10,000 cap. A deal is won when HubSpot's calculated
     ``hs_is_closed_won`` is ``"true"`` (never a comparison of stage names: custom pipelines use numeric ids).
 
-Won deals are hydrated with the v4 associations batch read (deal to companies, line items and quotes) and
-batch reads of 100 (companies, quotes, line items). When the customer accepted a quote, the invoice lines
-come from the quote (``lines_source="quote"``), otherwise from the deal. A quote is accepted when its
+Every live deal of a page gets its customer (its primary company) through one v4 associations batch read and
+company batch reads of 100, so open and lost deals carry theirs at no call of their own; won deals also get
+their lines (associations to line items and quotes, then batch reads of quotes and line items). When the
+customer accepted a quote, the invoice lines come from the quote (``lines_source="quote"``), otherwise from
+the deal. A quote is accepted when its
 ``hs_status`` is one of ``quote_accepted_statuses`` (``ACCEPTED``: CPQ quotes move there when the buyer
 accepts) or, for legacy quotes, when it is published and every e-signature it requires is collected.
+
+A deal's ``probability`` is HubSpot's calculated ``hs_deal_stage_probability`` (0..1, the stage's probability;
+rounded to four places, as HubSpot writes it as a binary double's decimal expansion), 1 once won and 0 once
+lost; ``created_at`` is ``createdate``, and the customer's ``created_at`` and ``acquisition_source`` are the
+company's ``createdate`` and ``hs_analytics_source``. :meth:`HubSpotSource.activity_counts` reads the deals'
+associations to calls, meetings, emails and tasks (v4 batch reads of 1,000 deals per activity type).
 
 Every SDK call goes through :func:`connectors.http.retrying` (the SDK's own retries are off) after the
 proactive :class:`~connectors.http.RateBudget` (``requests_per_10s`` and ``searches_per_s`` less a margin,
@@ -55,7 +63,7 @@ from connectors.errors import (
     VendorError,
 )
 from connectors.http import RateBudget, parse_retry_after, retrying
-from connectors.hubspot.catalog import PRIMARY_ASSOCIATIONS
+from connectors.hubspot.catalog import ENGAGEMENT_TYPES, PRIMARY_ASSOCIATIONS
 from connectors.hubspot.settings import HUBSPOT_API, HubSpotSettings
 from connectors.interfaces import (
     ApiStats,
@@ -80,7 +88,8 @@ _ASSOCIATION_BATCH = 1000  # ids per associations batch read (HubSpot changelog,
 
 DEAL_PROPERTIES = (
     "dealname", "amount", "deal_currency_code", "dealstage", "pipeline", "closedate", "hubspot_owner_id",
-    "hs_analytics_source", "hs_is_closed_won", "hs_is_closed", "hs_lastmodifieddate", "hs_object_id",
+    "hs_analytics_source", "hs_is_closed_won", "hs_is_closed", "hs_deal_stage_probability", "createdate",
+    "hs_lastmodifieddate", "hs_object_id",
 )
 QUOTE_PROPERTIES = (
     "hs_title", "hs_status", "hs_esign_enabled", "hs_esign_num_signers_required",
@@ -141,6 +150,25 @@ def _dec(value: str | None) -> Decimal | None:
     except InvalidOperation:
         return None
     return d if d.is_finite() else None
+
+
+def _probability(value: str | None, *, won: bool, closed: bool) -> Decimal | None:
+    """A deal's chance of winning on the 0..1 scale: 1 once won, 0 once lost, else its stage's probability.
+
+    HubSpot writes the calculated ``hs_deal_stage_probability`` as a binary double's decimal expansion
+    (``0.200000000000000011102230246251565404236316680908203125``): it is rounded to four places. A value above 1
+    is read as a percentage.
+    """
+    if won:
+        return Decimal(1)
+    if closed:
+        return Decimal(0)
+    p = _dec(value)
+    if p is None:
+        return None
+    if p > 1:
+        p /= 100
+    return min(max(p, Decimal(0)), Decimal(1)).quantize(Decimal("0.0001")).normalize()
 
 
 def _digits(value: str | None, n: int) -> str | None:
@@ -230,7 +258,8 @@ class HubSpotSource(CrmSource):
         self._apis = (self._batch, self._basic, self._search, self._assoc, self._properties, self._groups)
         self._company_properties = tuple(dict.fromkeys(p for p in (
             "name", "domain", "website", "address", "address2", "city", "zip", "state", "country",
-            "hs_analytics_source", "hs_lastmodifieddate", settings.vat_number_property, settings.siren_property,
+            "hs_analytics_source", "createdate", "hs_lastmodifieddate", settings.vat_number_property,
+            settings.siren_property,
             settings.siret_property, settings.email_property, settings.currency_property,
         ) if p))
         self._line_properties = tuple(dict.fromkeys(p for p in (
@@ -414,6 +443,7 @@ class HubSpotSource(CrmSource):
             country = raw.upper() if len(raw) == 2 else _COUNTRIES.get(raw.lower())
         currency = (c.get(s.currency_property) or "").strip().upper() or None
         source = c.get("hs_analytics_source")
+        created = _parse_ms(c.get("createdate"))
         siren, siret = _digits(c.get(s.siren_property), 9), _digits(c.get(s.siret_property), 14)
         if (c.get(s.siren_property) and siren is None) or (c.get(s.siret_property) and siret is None):
             log.warning("hubspot_company_identifier_ignored", company=c.id)
@@ -425,6 +455,7 @@ class HubSpotSource(CrmSource):
             address=Address(line1=c.get("address"), line2=c.get("address2"), city=c.get("city"),
                             postal_code=c.get("zip"), region=c.get("state"), country=country),
             acquisition_source=source.lower() if source else None,
+            created_at=_from_ms(created) if created is not None else None,
             updated_at=_from_ms(c.updated_ms) if c.updated_ms else None,
         )
 
@@ -456,24 +487,34 @@ class HubSpotSource(CrmSource):
         if not (len(currency) == 3 and currency.isalpha()):
             currency = self.settings.default_currency
         close_ms = _parse_ms(d.get("closedate"))
+        created_ms = _parse_ms(d.get("createdate"))
         source = d.get("hs_analytics_source")
         customer, lines, lines_source, quote_id = hydrated or (None, [], "deal", None)
+        won = (d.get("hs_is_closed_won") or "").lower() == "true"
+        closed = won or (d.get("hs_is_closed") or "").lower() == "true"
         return Deal(
             crm_id=d.id, name=d.get("dealname") or f"HubSpot deal {d.id}", amount=_dec(d.get("amount")),
-            currency=currency, stage=d.get("dealstage"), is_won=(d.get("hs_is_closed_won") or "").lower() == "true",
+            currency=currency, stage=d.get("dealstage"), is_won=won, is_closed=closed,
+            probability=_probability(d.get("hs_deal_stage_probability"), won=won, closed=closed),
+            created_at=_from_ms(created_ms) if created_ms is not None else None,
             close_date=_from_ms(close_ms).date() if close_ms is not None else None,
             owner=d.get("hubspot_owner_id"), acquisition_source=source.lower() if source else None,
             customer=customer, line_items=lines, lines_source="quote" if lines_source == "quote" else "deal",
             quote_id=quote_id, updated_at=_from_ms(d.updated_ms), archived=d.archived,
         )
 
-    def _hydrate(self, deal_ids: Sequence[str]) -> dict[str, tuple[Customer | None, list[LineItem], str, str | None]]:
-        """Customer, invoice lines, their source and the accepted quote id of each deal."""
+    def _hydrate(self, deal_ids: Sequence[str], won_ids: Sequence[str]
+                 ) -> dict[str, tuple[Customer | None, list[LineItem], str, str | None]]:
+        """The customer of each deal; for the won ones also the invoice lines, their source and the accepted quote.
+
+        One association read and one company batch read serve every deal of a page, so the customers of open and
+        lost deals cost no call of their own; lines and quotes are read for won deals only.
+        """
         if not deal_ids:
             return {}
         companies_of = self._associations("deals", "companies", deal_ids)
-        lines_of = self._associations("deals", "line_items", deal_ids)
-        quotes_of = self._associations("deals", "quotes", deal_ids)
+        lines_of = self._associations("deals", "line_items", won_ids) if won_ids else {}
+        quotes_of = self._associations("deals", "quotes", won_ids) if won_ids else {}
         company_of: dict[str, str] = {}
         for did, links in companies_of.items():
             primary = [cid for cid, types in links if _PRIMARY_COMPANY in types]
@@ -489,7 +530,7 @@ class HubSpotSource(CrmSource):
                 accepted[did] = best.id
         quote_lines = self._associations("quotes", "line_items", list(accepted.values())) if accepted else {}
         wanted: dict[str, list[str]] = {}
-        for did in deal_ids:
+        for did in won_ids:
             if did in accepted:
                 wanted[did] = [lid for lid, _ in quote_lines.get(accepted[did], [])]
             else:
@@ -499,14 +540,17 @@ class HubSpotSource(CrmSource):
         for did in deal_ids:
             cid = company_of.get(did)
             customer = self._customer(companies[cid]) if cid in companies else None
-            rows = sorted((items[lid] for lid in wanted[did] if lid in items), key=self._line_order)
+            rows = sorted((items[lid] for lid in wanted.get(did, []) if lid in items), key=self._line_order)
             source = "quote" if did in accepted else "deal"
             out[did] = (customer, [self._line(li) for li in rows], source, accepted.get(did))
         return out
 
+    @staticmethod
+    def _won(r: _Obj) -> bool:
+        return (r.get("hs_is_closed_won") or "").lower() == "true" and not r.archived
+
     def _page(self, rows: list[_Obj]) -> DealPage:
-        won = [r.id for r in rows if (r.get("hs_is_closed_won") or "").lower() == "true" and not r.archived]
-        hydrated = self._hydrate(won)
+        hydrated = self._hydrate([r.id for r in rows if not r.archived], [r.id for r in rows if self._won(r)])
         deals = [self._deal(r, hydrated.get(r.id)) for r in rows]
         last = rows[-1]
         return DealPage(deals=deals, cursor=Cursor(_from_ms(last.updated_ms), last.id))
@@ -614,13 +658,28 @@ class HubSpotSource(CrmSource):
         live = self._batch_read("deals", wanted, DEAL_PROPERTIES)
         missing = [i for i in wanted if i not in live]
         gone = self._batch_read("deals", missing, DEAL_PROPERTIES, archived=True) if missing else {}
-        hydrated = self._hydrate([i for i in wanted if i in live])
+        hydrated = self._hydrate([i for i in wanted if i in live], [i for i in live if self._won(live[i])])
         out = []
         for i in wanted:
             if i in live:
                 out.append(self._deal(live[i], hydrated.get(i)))
             elif i in gone:
                 out.append(self._deal(gone[i], None))
+        return out
+
+    def activity_counts(self, deal_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Calls, meetings, emails and tasks associated with each deal: one v4 association batch read per activity
+        type and 1,000 deals (associated ids counted once each); deals without any, and unknown ids, are absent."""
+        wanted = [i for i in dict.fromkeys(str(i).strip() for i in deal_ids) if i.isdigit()]
+        out: dict[str, dict[str, int]] = {}
+        if not wanted:
+            return out
+        asked = set(wanted)
+        for kind, object_type in ENGAGEMENT_TYPES.items():
+            for did, links in self._associations("deals", object_type, wanted).items():
+                n = len({tid for tid, _ in links})
+                if n and did in asked:
+                    out.setdefault(did, {})[kind] = n
         return out
 
     def ensure_fields(self, object_type: Literal["deal", "customer"], fields: Sequence[FieldSpec]) -> None:

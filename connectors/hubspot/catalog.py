@@ -15,6 +15,7 @@ __all__ = [
     "ASSOCIATION_TYPES",
     "CURRENCIES",
     "DEFAULT_PROPERTIES",
+    "ENGAGEMENT_TYPES",
     "OBJECT_TYPES",
     "PRIMARY_ASSOCIATIONS",
     "QUOTE_STATES",
@@ -36,7 +37,15 @@ OBJECT_TYPES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "products": ("0-7", "product", ("product",)),
     "line_items": ("0-8", "line_item", ("line_item", "lineitem", "lineitems", "line-items")),
     "quotes": ("0-14", "quote", ("quote",)),
+    # Engagements (activities): HubSpot's object type ids 0-48 calls, 0-49 emails, 0-47 meetings, 0-27 tasks.
+    "calls": ("0-48", "call", ("call",)),
+    "emails": ("0-49", "email", ("email",)),
+    "meetings": ("0-47", "meeting", ("meeting", "meeting_event", "meeting_events")),
+    "tasks": ("0-27", "task", ("task",)),
 }
+
+#: The engagement (activity) object types, by the activity kind each one records.
+ENGAGEMENT_TYPES: dict[str, str] = {"call": "calls", "meeting": "meetings", "email": "emails", "task": "tasks"}
 
 _ALIASES: dict[str, str] = {}
 for _plural, (_tid, _single, _names) in OBJECT_TYPES.items():
@@ -78,6 +87,18 @@ _PAIRS = (
     ("tickets", "contacts", 16, 15),
     ("tickets", "companies", 339, 340),
     ("deals", "tickets", 27, 28),
+    ("companies", "calls", 181, 182),
+    ("companies", "emails", 185, 186),
+    ("companies", "meetings", 187, 188),
+    ("companies", "tasks", 191, 192),
+    ("contacts", "calls", 193, 194),
+    ("contacts", "emails", 197, 198),
+    ("contacts", "meetings", 199, 200),
+    ("contacts", "tasks", 203, 204),
+    ("deals", "calls", 205, 206),
+    ("deals", "emails", 209, 210),
+    ("deals", "meetings", 211, 212),
+    ("deals", "tasks", 215, 216),
 )
 
 #: (from, to) -> the default (unlabelled) association type.
@@ -155,6 +176,19 @@ class PropertyDef:
 
 
 _BOOL = (("true", "Yes"), ("false", "No"))
+# Engagement enumerations (developers.hubspot.com, calls, emails, meetings and tasks guides).
+_CALL_DIRECTIONS = (("INBOUND", "Inbound"), ("OUTBOUND", "Outbound"))
+_CALL_STATUSES = tuple((v, v.replace("_", " ").title()) for v in (
+    "BUSY", "CALLING_CRM_USER", "CANCELED", "COMPLETED", "CONNECTING", "FAILED", "IN_PROGRESS", "NO_ANSWER",
+    "QUEUED", "RINGING"))
+_EMAIL_DIRECTIONS = (("EMAIL", "Sent by a user"), ("INCOMING_EMAIL", "Reply"), ("FORWARDED_EMAIL", "Forwarded"))
+_EMAIL_STATUSES = tuple((v, v.title()) for v in ("BOUNCED", "FAILED", "SCHEDULED", "SENDING", "SENT"))
+_MEETING_OUTCOMES = tuple((v, v.replace("_", " ").title()) for v in (
+    "SCHEDULED", "COMPLETED", "RESCHEDULED", "NO_SHOW", "CANCELED"))
+_TASK_STATUSES = tuple((v, v.replace("_", " ").title()) for v in (
+    "NOT_STARTED", "IN_PROGRESS", "WAITING", "COMPLETED", "DEFERRED"))
+_TASK_PRIORITIES = tuple((v, v.title()) for v in ("NONE", "LOW", "MEDIUM", "HIGH"))
+_TASK_TYPES = (("TODO", "To-do"), ("CALL", "Call"), ("EMAIL", "Email"))
 CURRENCIES = (("EUR", "Euro"), ("USD", "US Dollar"), ("GBP", "British Pound"), ("CHF", "Swiss Franc"))
 ANALYTICS_SOURCES = tuple((v, v.replace("_", " ").title()) for v in (
     "ORGANIC_SEARCH", "PAID_SEARCH", "EMAIL_MARKETING", "SOCIAL_MEDIA", "REFERRALS", "OTHER_CAMPAIGNS",
@@ -177,10 +211,10 @@ def _p(name: str, label: str, type_: str = "string", field: str | None = None, g
     return PropertyDef(name, label, type_, field or default_field, group, options, ro, calc, std, unique)
 
 
-def _common(group: str, modified: str = "hs_lastmodifieddate") -> list[PropertyDef]:
+def _common(group: str, modified: str = "hs_lastmodifieddate", created: str = "createdate") -> list[PropertyDef]:
     props = [
         _p("hs_object_id", "Record ID", "number", group=group, ro=True),
-        _p("createdate", "Create Date", "datetime", group=group, ro=True),
+        _p(created, "Create Date", "datetime", group=group, ro=True),
         _p(modified, "Last Modified Date", "datetime", group=group, ro=True),
         _p("hubspot_owner_id", "Owner", "enumeration", group=group),
     ]
@@ -194,6 +228,7 @@ def standard_properties(pipeline_options: tuple[tuple[str, str], ...],
     """The properties every portal starts with, per object type (deal stages depend on the pipelines)."""
     d, c, k, li, pr, q, t = ("dealinformation", "companyinformation", "contactinformation",
                              "lineiteminformation", "productinformation", "quoteinformation", "ticketinformation")
+    ca, em, me, ta = "callinformation", "emailinformation", "meetinginformation", "taskinformation"
     return {
         "deals": [
             *_common(d),
@@ -291,6 +326,43 @@ def standard_properties(pipeline_options: tuple[tuple[str, str], ...],
             _p("hs_ticket_priority", "Priority", "enumeration", group=t,
                options=(("LOW", "Low"), ("MEDIUM", "Medium"), ("HIGH", "High"))),
         ],
+        # Engagements carry hs_createdate (no createdate) and hs_timestamp, when the activity happened.
+        "calls": [
+            *_common(ca, created="hs_createdate"),
+            _p("hs_timestamp", "Activity date", "datetime", group=ca),
+            _p("hs_call_title", "Call title", group=ca),
+            _p("hs_call_body", "Call notes", "string", "html", group=ca),
+            _p("hs_call_direction", "Call direction", "enumeration", group=ca, options=_CALL_DIRECTIONS),
+            _p("hs_call_duration", "Call duration (ms)", "number", group=ca),
+            _p("hs_call_status", "Call status", "enumeration", group=ca, options=_CALL_STATUSES),
+        ],
+        "emails": [
+            *_common(em, created="hs_createdate"),
+            _p("hs_timestamp", "Activity date", "datetime", group=em),
+            _p("hs_email_subject", "Email subject", group=em),
+            _p("hs_email_text", "Email body", "string", "textarea", group=em),
+            _p("hs_email_direction", "Email direction", "enumeration", group=em, options=_EMAIL_DIRECTIONS),
+            _p("hs_email_status", "Email send status", "enumeration", group=em, options=_EMAIL_STATUSES),
+        ],
+        "meetings": [
+            *_common(me, created="hs_createdate"),
+            _p("hs_timestamp", "Activity date", "datetime", group=me),
+            _p("hs_meeting_title", "Meeting name", group=me),
+            _p("hs_meeting_body", "Meeting description", "string", "html", group=me),
+            _p("hs_meeting_start_time", "Start time", "datetime", group=me),
+            _p("hs_meeting_end_time", "End time", "datetime", group=me),
+            _p("hs_meeting_location", "Location", group=me),
+            _p("hs_meeting_outcome", "Meeting outcome", "enumeration", group=me, options=_MEETING_OUTCOMES),
+        ],
+        "tasks": [
+            *_common(ta, created="hs_createdate"),
+            _p("hs_timestamp", "Due date", "datetime", group=ta),
+            _p("hs_task_subject", "Task title", group=ta),
+            _p("hs_task_body", "Task notes", "string", "html", group=ta),
+            _p("hs_task_status", "Task status", "enumeration", group=ta, options=_TASK_STATUSES),
+            _p("hs_task_priority", "Priority", "enumeration", group=ta, options=_TASK_PRIORITIES),
+            _p("hs_task_type", "Task type", "enumeration", group=ta, options=_TASK_TYPES),
+        ],
     }
 
 
@@ -303,6 +375,10 @@ DEFAULT_PROPERTIES: dict[str, tuple[str, ...]] = {
     "line_items": ("name", "quantity", "price", "amount"),
     "quotes": ("hs_title", "hs_expiration_date", "hs_createdate", "hs_status"),
     "tickets": ("subject", "content", "hs_pipeline", "hs_pipeline_stage"),
+    "calls": ("hs_createdate",),
+    "emails": ("hs_createdate",),
+    "meetings": ("hs_createdate",),
+    "tasks": ("hs_createdate",),
 }
 
 #: Property groups every portal has, per object type.
@@ -315,4 +391,8 @@ STANDARD_GROUPS: dict[str, tuple[tuple[str, str], ...]] = {
     "products": (("productinformation", "Product information"),),
     "quotes": (("quoteinformation", "Quote information"),),
     "tickets": (("ticketinformation", "Ticket information"),),
+    "calls": (("callinformation", "Call information"),),
+    "emails": (("emailinformation", "Email information"),),
+    "meetings": (("meetinginformation", "Meeting information"),),
+    "tasks": (("taskinformation", "Task information"),),
 }

@@ -2,9 +2,11 @@
 
 What it serves (and how HubSpot behaves there):
 
-- ``/crm/v3/objects/{type}`` for deals, companies, contacts, line items, products, quotes and tickets; the
-  type may be plural, singular or an object type id (``0-3``). Lists page with ``limit`` (default 10, at
-  most 100) and ``after`` *or* ``offset``; ``paging.next`` carries ``after`` and an absolute ``link``.
+- ``/crm/v3/objects/{type}`` for deals, companies, contacts, line items, products, quotes, tickets and the
+  engagements (calls, emails, meetings and tasks, which carry ``hs_createdate`` and ``hs_timestamp`` rather
+  than ``createdate``); the type may be plural, singular or an object type id (``0-3``, ``0-48``). Lists
+  page with ``limit`` (default 10, at most 100) and ``after`` *or* ``offset``; ``paging.next`` carries
+  ``after`` and an absolute ``link``.
   ``properties``, ``propertiesWithHistory``, ``associations`` and ``archived`` are honoured.
 - search (``POST .../search``): filter groups OR'ed, filters AND'ed, at most 5 groups, 10 filters per group
   and 25 in all, one sort, ``limit`` at most 200, ``total``, and the hard cap: paging to ``after`` at or
@@ -19,7 +21,9 @@ What it serves (and how HubSpot behaves there):
 
 Every property value is a string; ids are numeric strings; datetimes are ISO-8601 in UTC with
 milliseconds and can be filtered with epoch milliseconds. ``hs_is_closed_won`` and ``hs_is_closed`` are
-derived from the deal's stage (won = probability 1.0 and closed). Besides the ``default`` pipeline the
+derived from the deal's stage (won = probability 1.0 and closed), and so is ``hs_deal_stage_probability``, on
+the 0..1 scale and written as HubSpot writes it, the exact expansion of a binary double (a stage at 0.2 gives
+``"0.200000000000000011102230246251565404236316680908203125"``). Besides the ``default`` pipeline the
 portal has a custom pipeline whose stage ids are numeric. Every write sets ``hs_lastmodifieddate`` from
 the sandbox clock, so writes within one millisecond share a timestamp, as on HubSpot.
 
@@ -35,7 +39,9 @@ Seeding (:meth:`HubSpotSandbox.load_book`) and the portal's custom properties:
   "billing"), ``hs_analytics_source`` (upper-case channel);
 - line items and products: ``tax_rate_percent`` (the VAT rate in percent) and HubSpot's own
   ``hs_tax_rate_group_id`` (see :meth:`HubSpotSandbox.tax_rate_groups`);
-- deals, companies and quotes: ``ledgerbridge_book_id`` (the seed book's id, for tests).
+- deals, companies and quotes: ``ledgerbridge_book_id`` (the seed book's id, for tests);
+- each deal's sales activities (:meth:`connectors.seedbook.Book.activities`): calls, meetings, emails and
+  tasks, associated with the deal, its company and its contact (HubSpot's engagement association types).
 
 Quotes use HubSpot's ``hs_status``. A quote the customer accepted is either a CPQ quote in state
 ``ACCEPTED`` ("The state will automatically be updated to ACCEPTED when the buyer accepts the quote",
@@ -68,6 +74,7 @@ from connectors.hubspot.catalog import (
     ASSOCIATION_TYPES,
     CURRENCIES,
     DEFAULT_PROPERTIES,
+    ENGAGEMENT_TYPES,
     OBJECT_TYPES,
     PRIMARY_ASSOCIATIONS,
     STANDARD_GROUPS,
@@ -88,7 +95,17 @@ from connectors.sandboxkit import (
     WindowLimit,
     json_response,
 )
-from connectors.seedbook import Book, BookLine
+from connectors.sandboxwebhooks import (
+    WebhookSender,
+    WebhookTarget,
+    compact_json,
+    epoch_ms,
+    new_event_id,
+    sign_hubspot_v1,
+    sign_hubspot_v3,
+    webhook_admin,
+)
+from connectors.seedbook import Book, BookActivity, BookLine
 
 __all__ = ["COUNTRY_NAMES", "CUSTOM_PIPELINE_ID", "HubSpotSandbox", "iso_ms", "parse_ms", "to_ms"]
 
@@ -166,6 +183,7 @@ _MAX_SEARCH_LIMIT = 200
 _ASSOC_PAGE = 500
 # Association batch reads take at most 1,000 ids (developers.hubspot.com changelog, February 2025).
 _MAX_ASSOC_BATCH = 1000
+_ENGAGEMENTS = frozenset(ENGAGEMENT_TYPES.values())
 _SEARCH_TEXT_PROPS = ("name", "domain", "dealname", "email", "firstname", "lastname", "hs_title", "hs_sku",
                       "subject")
 
@@ -217,6 +235,15 @@ def _dec(value: str | None) -> Decimal | None:
 
 def _plain(d: Decimal) -> str:
     return format(d.quantize(Decimal("0.01")), "f")
+
+
+def _float_text(value: str) -> str:
+    """A number as HubSpot writes its calculated ones: the binary double's exact decimal expansion.
+
+    ``hs_deal_stage_probability`` of a stage at 0.2 comes back as
+    ``"0.200000000000000011102230246251565404236316680908203125"`` (1.0 as ``"1"``, 0.0 as ``"0"``).
+    """
+    return str(Decimal(float(value)))
 
 
 class HubSpotSandbox(SandboxApp):
@@ -493,16 +520,21 @@ class HubSpotSandbox(SandboxApp):
         """Sandbox-only endpoints for tests in other processes.
 
         ``GET /_sandbox/deals``: every live deal as ``{id, book_id, name, won, closed, stage, pipeline, amount,
-        currency, updated_at}``; ``PATCH /_sandbox/deals/{id}`` with ``{"properties": {...}}``: a user's edit.
+        currency, created_at, updated_at, activities}`` (``activities``: the live engagements associated with the
+        deal, counted by kind); ``PATCH /_sandbox/deals/{id}`` with ``{"properties": {...}}``: a user's edit.
         """
         path = req.path.rstrip("/")
+        if path.startswith("/_sandbox/webhooks"):
+            return self._webhook_admin(req)
         if req.method == "GET" and path == "/_sandbox/deals":
-            rows = [{
-                "id": d["id"], "book_id": d.get("ledgerbridge_book_id"), "name": d.get("dealname"),
-                "won": d.get("hs_is_closed_won") == "true", "closed": d.get("hs_is_closed") == "true",
-                "stage": d.get("dealstage"), "pipeline": d.get("pipeline"), "amount": d.get("amount"),
-                "currency": d.get("deal_currency_code"), "updated_at": d.get("hs_lastmodifieddate"),
-            } for d in self.deals_snapshot()]
+            with self.lock:
+                rows = [{
+                    "id": d["id"], "book_id": d.get("ledgerbridge_book_id"), "name": d.get("dealname"),
+                    "won": d.get("hs_is_closed_won") == "true", "closed": d.get("hs_is_closed") == "true",
+                    "stage": d.get("dealstage"), "pipeline": d.get("pipeline"), "amount": d.get("amount"),
+                    "currency": d.get("deal_currency_code"), "created_at": d.get("createdate"),
+                    "updated_at": d.get("hs_lastmodifieddate"), "activities": self._activity_counts(d["id"]),
+                } for d in self.deals_snapshot()]
             return json_response(200, rows)
         m = re.fullmatch(r"/_sandbox/deals/(\d+)", path)
         if req.method == "PATCH" and m:
@@ -518,7 +550,15 @@ class HubSpotSandbox(SandboxApp):
     def load(self, path: Path) -> bool:
         with self.lock:
             self._time_index.clear()
-            return super().load(path)
+            props, groups = self._props, self._groups
+            loaded = super().load(path)
+            # State saved before an object type existed here: that type starts empty, with its standard properties.
+            for t in OBJECT_TYPES:
+                self._objects.setdefault(t, {})
+                self._book_ids.setdefault(t, {})
+                self._props.setdefault(t, props[t])
+                self._groups.setdefault(t, groups[t])
+            return loaded
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()
@@ -534,12 +574,16 @@ class HubSpotSandbox(SandboxApp):
         rid = self._new_id()
         rec = _Record(rid, t, dict(props), created_ms, updated_ms, self._tie(rid))
         rec.props["hs_object_id"] = rid
-        rec.props["createdate"] = iso_ms(created_ms)
+        if t in _ENGAGEMENTS:
+            rec.props["hs_createdate"] = iso_ms(created_ms)  # engagements have no createdate
+        else:
+            rec.props["createdate"] = iso_ms(created_ms)
         if t == "quotes":
             rec.props["hs_createdate"] = iso_ms(created_ms)
         self._derive(t, rec)
         self._stamp(t, rec, updated_ms)
         self._objects[t][rid] = rec
+        self._webhook_created(t, rec)
         return rec
 
     def _stamp(self, t: str, rec: _Record, ms: int) -> None:
@@ -566,7 +610,7 @@ class HubSpotSandbox(SandboxApp):
                     props.pop(k, None)
             else:
                 _pid, prob, closed = meta
-                props["hs_deal_stage_probability"] = prob
+                props["hs_deal_stage_probability"] = _float_text(prob)
                 props["hs_is_closed"] = closed
                 props["hs_is_closed_won"] = "true" if closed == "true" and Decimal(prob) == 1 else "false"
             amount = _dec(props.get("amount"))
@@ -656,6 +700,7 @@ class HubSpotSandbox(SandboxApp):
         return clean
 
     def _apply(self, t: str, rec: _Record, clean: dict[str, str | None], now: int) -> None:
+        self._webhook_changed(t, rec, clean, now)
         for name, value in clean.items():
             if value is None:
                 rec.props.pop(name, None)
@@ -667,7 +712,7 @@ class HubSpotSandbox(SandboxApp):
     # -- record output -------------------------------------------------------------------------------
     def _props_out(self, t: str, rec: _Record, names: list[str] | None) -> dict[str, str | None]:
         wanted = list(names) if names else list(DEFAULT_PROPERTIES.get(t, ()))
-        wanted += ["hs_object_id", "createdate", "hs_lastmodifieddate"]
+        wanted += ["hs_object_id", "hs_createdate" if t in _ENGAGEMENTS else "createdate", "hs_lastmodifieddate"]
         defs = self._props[t]
         out: dict[str, str | None] = {}
         for n in wanted:
@@ -852,6 +897,7 @@ class HubSpotSandbox(SandboxApp):
     def _archive(self, t: str, rec: _Record, now: int) -> None:
         rec.archived = True
         rec.archived_ms = now
+        self._webhook_archived(t, rec, now)
         self._stamp(t, rec, now)
 
     def _h_archive(self, req: SandboxRequest) -> SandboxResponse:
@@ -1657,7 +1703,7 @@ class HubSpotSandbox(SandboxApp):
         return {gid: Decimal(rate) for rate, gid in _TAX_GROUPS.items()}
 
     def load_book(self, book: Book) -> None:
-        """Create the book's products, companies, contacts, deals, line items and quotes."""
+        """Create the book's products, companies, contacts, deals, line items, quotes and sales activities."""
         rng = random.Random(f"hubspot-load-{self.seed}")
         with self.lock:
             owners: dict[str, str] = {}
@@ -1752,6 +1798,52 @@ class HubSpotSandbox(SandboxApp):
                     for line in qlines:
                         self._link_ids("quotes", quote.id, "line_items", line.id,
                                        {ASSOCIATION_TYPES[("quotes", "line_items")].type_id})
+            self._seed_activities(book, companies, contacts, owners)
+
+    def _seed_activities(self, book: Book, companies: dict[str, str], contacts: dict[str, str],
+                         owners: dict[str, str]) -> None:
+        """Every deal's sales activities (:meth:`Book.activities`) as engagements, each associated with its deal,
+        the deal's company and its contact, as HubSpot associates a logged activity.
+
+        Created after every other record of the book, so that seeding them moves no other record's id.
+        """
+        deal_ids = self._book_ids["deals"]
+        for d in book.deals:
+            links = (("deals", deal_ids[d.id]), ("companies", companies[d.company_id]),
+                     ("contacts", contacts[d.company_id]))
+            for activity in book.activities(d):
+                t = ENGAGEMENT_TYPES[activity.kind]
+                at = to_ms(activity.at)
+                rec = self._insert(t, self._engagement_props(activity, owners[d.owner]), at, at)
+                for to, tid in links:
+                    self._link_ids(t, rec.id, to, tid, {ASSOCIATION_TYPES[(t, to)].type_id})
+
+    @staticmethod
+    def _engagement_props(activity: BookActivity, owner_id: str) -> dict[str, str]:
+        at = to_ms(activity.at)
+        props = {"hs_timestamp": iso_ms(at), "hubspot_owner_id": owner_id}
+        if activity.kind == "call":
+            props.update(hs_call_title=activity.subject, hs_call_direction="OUTBOUND", hs_call_status="COMPLETED",
+                         hs_call_duration=str(activity.duration_minutes * 60_000))
+        elif activity.kind == "meeting":
+            props.update(hs_meeting_title=activity.subject, hs_meeting_start_time=iso_ms(at),
+                         hs_meeting_end_time=iso_ms(at + activity.duration_minutes * 60_000),
+                         hs_meeting_outcome="COMPLETED")
+        elif activity.kind == "email":
+            props.update(hs_email_subject=activity.subject, hs_email_direction="EMAIL", hs_email_status="SENT")
+        else:
+            props.update(hs_task_subject=activity.subject, hs_task_status="COMPLETED", hs_task_priority="MEDIUM",
+                         hs_task_type="TODO")
+        return props
+
+    def _activity_counts(self, deal_id: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for kind, t in ENGAGEMENT_TYPES.items():
+            linked = self._assoc.get(("deals", t), {}).get(deal_id, {})
+            n = sum(1 for eid in linked if (rec := self._objects[t].get(eid)) is not None and not rec.archived)
+            if n:
+                counts[kind] = n
+        return counts
 
     @staticmethod
     def _quote_state(status: str, rng: random.Random, at_ms: int) -> dict[str, str]:
@@ -1816,6 +1908,11 @@ class HubSpotSandbox(SandboxApp):
         with self.lock:
             return list(self._assoc.get((f, to), {}).get(object_id, {}))
 
+    def activity_counts_of(self, deal_id: str) -> dict[str, int]:
+        """The live calls, meetings, emails and tasks associated with one deal, counted by kind (zeros left out)."""
+        with self.lock:
+            return self._activity_counts(deal_id)
+
     def deals_snapshot(self) -> list[dict[str, str]]:
         """Every live deal's properties (with ``id``)."""
         with self.lock:
@@ -1849,3 +1946,85 @@ class HubSpotSandbox(SandboxApp):
         t = self._obj_type(object_type)
         with self.lock:
             self._archive(t, self._objects[t][object_id], self._now_ms())
+
+    # == webhooks (sending) ===========================================================================
+    # HubSpot's webhooks for deals: deal.creation, deal.propertyChange (one event per changed property; every
+    # property unless the registration names some, as a HubSpot subscription does) and deal.deletion, sent
+    # as JSON arrays of at most 100 events and signed with the app's client secret (X-HubSpot-Signature-v3
+    # over method, URL, body and X-HubSpot-Request-Timestamp; the older v1 signature beside it). Off until
+    # POST /_sandbox/webhooks {"url", "client_secret", "app_id"?, "properties"?, "deliveries"?, ...} (see
+    # connectors.sandboxwebhooks). Not persisted: save() writes no registration and load() keeps the one in
+    # force. Event ids are random, so they never repeat across restarts.
+
+    _webhook_sender: WebhookSender | None = None
+    _webhook_app: dict[str, Any] | None = None
+
+    def _webhook_admin(self, req: SandboxRequest) -> SandboxResponse:
+        resp, self._webhook_sender = webhook_admin(req, self._webhook_sender, self._webhook_start)
+        return resp
+
+    def _webhook_start(self, body: Any) -> tuple[WebhookSender, dict[str, Any]]:
+        secret = body.get("client_secret")
+        if not isinstance(secret, str) or not secret:
+            raise ValueError("'client_secret' (the app's client secret, which signs the requests) is required")
+        props = body.get("properties")
+        if props is not None and (not isinstance(props, list) or not all(isinstance(p, str) for p in props)):
+            raise ValueError("'properties' must be a list of deal property names")
+        app_id = body.get("app_id", 1_000_000 + self.seed % 1_000_000)
+        if not isinstance(app_id, int) or isinstance(app_id, bool):
+            raise ValueError("'app_id' must be an integer")
+        target = WebhookTarget.from_body(body, batch_size=100)
+
+        def build(events: list[dict[str, Any]], attempt: int) -> tuple[bytes, dict[str, str]]:
+            payload = compact_json([{**e, "attemptNumber": attempt} for e in events])
+            timestamp = str(epoch_ms())  # the sending moment, on the real clock
+            return payload, {
+                "Content-Type": "application/json",
+                "User-Agent": "HubSpot Connect 2.0 (http://dev.hubspot.com/)",
+                "X-HubSpot-Signature-v3": sign_hubspot_v3(secret, "POST", target.url, payload, timestamp),
+                "X-HubSpot-Request-Timestamp": timestamp,
+                "X-HubSpot-Signature": sign_hubspot_v1(secret, payload),
+                "X-HubSpot-Signature-Version": "v1",
+            }
+
+        with self.lock:
+            self._webhook_app = {"app_id": app_id, "properties": None if props is None else frozenset(props),
+                                 "subscriptions": {}}
+        sender = WebhookSender(target, build, name="hubspot-webhooks")
+        return sender, {"app_id": app_id, "portal_id": self.portal_id,
+                        "properties": None if props is None else sorted(props)}
+
+    def _webhook_event(self, kind: str, rec: _Record, at_ms: int, **extra: Any) -> dict[str, Any]:
+        app = self._webhook_app or {}
+        subs: dict[str, int] = app.setdefault("subscriptions", {})
+        key = f"{kind}:{extra.get('propertyName', '')}"
+        sub_id = subs.setdefault(key, 3_000_000 + len(subs) + 1)
+        return {"eventId": new_event_id(), "subscriptionId": sub_id, "portalId": self.portal_id,
+                "appId": app.get("app_id"), "occurredAt": at_ms, "subscriptionType": kind, "attemptNumber": 0,
+                "objectId": int(rec.id), "changeSource": "CRM", **extra}
+
+    def _webhook_created(self, t: str, rec: _Record) -> None:
+        sender = self._webhook_sender
+        if sender is not None and t == "deals":
+            sender.emit([self._webhook_event("deal.creation", rec, rec.updated_ms, changeFlag="NEW")])
+
+    def _webhook_changed(self, t: str, rec: _Record, clean: dict[str, str | None], now: int) -> None:
+        """Called before ``clean`` is applied to ``rec``: one event per property whose value changes."""
+        sender = self._webhook_sender
+        if sender is None or t != "deals" or rec.archived:
+            return
+        wanted = (self._webhook_app or {}).get("properties")
+        sender.emit([
+            self._webhook_event("deal.propertyChange", rec, now, propertyName=name, propertyValue=value or "")
+            for name, value in clean.items()
+            if rec.props.get(name) != value and (wanted is None or name in wanted)
+        ])
+
+    def _webhook_archived(self, t: str, rec: _Record, now: int) -> None:
+        sender = self._webhook_sender
+        if sender is not None and t == "deals":
+            sender.emit([self._webhook_event("deal.deletion", rec, now, changeFlag="DELETED")])
+
+    def webhook_sender(self) -> WebhookSender | None:
+        """The sender in force (None while sending is off)."""
+        return self._webhook_sender

@@ -63,6 +63,9 @@ class HubSpotSettings(ConnectorSettings):
     search_result_cap: int = Field(default=10_000, ge=2, description="Results one search query can page through")
     batch_size: int = Field(default=100, ge=1, le=100, description="Records per batch read or update")
     max_attempts: int = Field(default=8, ge=1, le=20, description="Attempts per call on transient failures")
+    client_secret: SecretStr | None = Field(
+        default=None, description="The app's client secret: checks the X-HubSpot-Signature-v3 of the webhooks "
+        "HubSpot sends to /webhooks/<pipeline>/hubspot (webhooks are refused while it is unset)")
 
     @field_validator("quote_accepted_statuses")
     @classmethod

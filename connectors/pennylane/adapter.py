@@ -1,4 +1,5 @@
-"""Pennylane as a LedgerBridge ledger: company customers, customer invoices and their payments (API v2).
+"""Pennylane as a LedgerBridge ledger: company customers, customer invoices, their payments and credit notes, and
+expense lines (API v2).
 
 Pennylane's create endpoints take no idempotency key, so exactly-once rests on ``external_reference``:
 
@@ -28,6 +29,15 @@ Payments come from ``GET /customer_invoices/{id}/payments`` of the invoices that
 (the v2 API has no company-wide list of customer invoice payments). An invoice marked paid by hand
 (``mark_as_paid``) has no payment record; its status says ``paid``.
 
+Ledger facts for the metrics: a credit note is a customer invoice with negative amounts (``credit_note``
+filter) that names the invoice it credits (``credited_invoice``); :meth:`PennylaneLedger.list_credit_notes`
+returns its amounts as positive numbers and its allocation to that invoice. An invoice cancelled by a credit note
+of all of it reads back settled (``paid``, nothing due) and the credit note takes it back, as in Xero and
+QuickBooks. Expense lines come from the general ledger (``GET /ledger_entry_lines`` on the ledger accounts of
+the asked numbers): a supplier invoice line does not name its ledger account in the API, its ledger entry does.
+The books are in euros; ``exchange_rate`` converts a document to euros. An invoice has no lasting address in
+the API (its PDF link expires after 30 minutes), so :meth:`PennylaneLedger.invoice_url` gives none.
+
 Only :mod:`connectors.errors` types leave this module.
 """
 
@@ -45,7 +55,16 @@ import structlog
 from pydantic import ValidationError
 
 from config.schema import ConnectorSettings
-from connectors.domain import Customer, Invoice, InvoiceLine, InvoiceStatus, Payment
+from connectors.domain import (
+    CreditAllocation,
+    CreditNote,
+    Customer,
+    ExpenseLine,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    Payment,
+)
 from connectors.errors import AmbiguousWriteError, ConfigError, RecordError, VendorError
 from connectors.interfaces import (
     ApiStats,
@@ -59,7 +78,7 @@ from connectors.oauth import LockFactory
 from connectors.pennylane.client import VENDOR, PennylaneClient, filter_param, money
 from connectors.pennylane.settings import PennylaneSettings
 
-__all__ = ["VAT_CODES", "PennylaneLedger", "rate_of_vat_code", "vat_code_for"]
+__all__ = ["VAT_CODES", "PennylaneLedger", "customer_body", "rate_of_vat_code", "vat_code_for"]
 
 log = structlog.get_logger("ledgerbridge.pennylane")
 
@@ -102,6 +121,30 @@ def rate_of_vat_code(code: str | None) -> Decimal | None:
     return Decimal(m.group(1)) / 10
 
 
+def customer_body(customer: Customer, number: str | None = None) -> dict[str, Any]:
+    """The ``POST /company_customers`` body for ``customer``; ``number`` (the external number) is its
+    ``external_reference`` (without one, Pennylane makes one up)."""
+    address = customer.address
+    street = ", ".join(p for p in (address.line1, address.line2) if p)
+    body: dict[str, Any] = {"name": (customer.name.strip() or number or customer.crm_id)[:255]}
+    if number:
+        body["external_reference"] = number
+    body["billing_address"] = {
+        "address": street,
+        "postal_code": address.postal_code or "",
+        "city": address.city or "",
+        "country_alpha2": (address.country or customer.country or "FR").upper()[:2],
+    }
+    if customer.vat_number:
+        body["vat_number"] = customer.vat_number
+    reg_no = customer.siren or (customer.siret[:9] if customer.siret else None)
+    if reg_no:
+        body["reg_no"] = reg_no
+    if customer.email:
+        body["emails"] = [customer.email]
+    return body
+
+
 def _shape_error(what: str) -> VendorError:
     return VendorError(f"unexpected {what} in the response", vendor=VENDOR)
 
@@ -116,6 +159,12 @@ def _dec(value: Any) -> Decimal | None:
     if not number.is_finite():
         raise _shape_error("amount")
     return number
+
+
+def _rate(value: Any) -> Decimal | None:
+    """``exchange_rate`` (euros for one unit of the document's currency); None when absent or not positive."""
+    rate = _dec(value)
+    return rate if rate is not None and rate > 0 else None
 
 
 def _parse_dt(value: Any) -> dt.datetime | None:
@@ -244,26 +293,7 @@ class PennylaneLedger(Ledger):
         return found
 
     def _customer_body(self, number: str, customer: Customer) -> dict[str, Any]:
-        address = customer.address
-        street = ", ".join(p for p in (address.line1, address.line2) if p)
-        body: dict[str, Any] = {
-            "name": (customer.name.strip() or number)[:255],
-            "external_reference": number,
-            "billing_address": {
-                "address": street,
-                "postal_code": address.postal_code or "",
-                "city": address.city or "",
-                "country_alpha2": (address.country or customer.country or "FR").upper()[:2],
-            },
-        }
-        if customer.vat_number:
-            body["vat_number"] = customer.vat_number
-        reg_no = customer.siren or (customer.siret[:9] if customer.siret else None)
-        if reg_no:
-            body["reg_no"] = reg_no
-        if customer.email:
-            body["emails"] = [customer.email]
-        return body
+        return customer_body(customer, number)
 
     def create_customers(
         self, customers: Sequence[tuple[str, Customer]], idempotency_key: str
@@ -480,10 +510,11 @@ class PennylaneLedger(Ledger):
             raise
         return list(ids)
 
-    def _changed(self, since: dt.datetime | None, *, with_lines: bool
+    def _changed(self, since: dt.datetime | None, *, with_lines: bool, credit_notes: bool = False
                  ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+        """Customer invoices (or, with ``credit_notes``, credit notes) changed since ``since`` (all when None)."""
         ids = self._changed_ids(_aware(since)) if since is not None else None
-        not_credit_note = ("credit_note", "eq", "false")
+        not_credit_note = ("credit_note", "eq", "true" if credit_notes else "false")
         if ids is None:
             yield from self._records({"filter": filter_param(not_credit_note), "sort": "id"}, with_lines=with_lines)
             return
@@ -497,14 +528,18 @@ class PennylaneLedger(Ledger):
 
     @staticmethod
     def _status(raw: Mapping[str, Any]) -> InvoiceStatus:
+        """A finalized invoice is cancelled in Pennylane by a credit note of all of it: it then reads as settled
+        (``paid``, nothing due), the credit note (:meth:`list_credit_notes`) taking it back, as a credited invoice
+        reads in Xero and QuickBooks; partially cancelled is still ``authorised`` until paid."""
         if raw.get("draft"):
             return "draft"
         status = str(raw.get("status") or "")
-        if status == "cancelled":
-            return "voided"
         if status == "archived" or raw.get("archived_at"):
             return "deleted"
-        if status == "paid" or raw.get("paid") is True:
+        if status in ("paid", "cancelled") or raw.get("paid") is True:
+            return "paid"
+        remaining = _dec(raw.get("remaining_amount_with_tax"))
+        if status == "partially_cancelled" and remaining == 0:
             return "paid"
         return "authorised"
 
@@ -569,6 +604,7 @@ class PennylaneLedger(Ledger):
                 amount_due=remaining if status != "draft" else None,
                 updated_at=_parse_dt(raw.get("updated_at")),
                 ledger_total=total,
+                exchange_rate=_rate(raw.get("exchange_rate")),
             )
         except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
             raise _shape_error("invoice") from None
@@ -619,3 +655,109 @@ class PennylaneLedger(Ledger):
             )
         except (KeyError, TypeError, AttributeError, ValidationError):
             raise _shape_error("payment") from None
+
+    # == credit notes ==============================================================================
+    def list_credit_notes(self, modified_since: dt.datetime | None = None) -> Iterator[CreditNote]:
+        """Credit notes (customer invoices with negative amounts, ``credit_note`` filter) changed since
+        ``modified_since``. Pennylane links a credit note to the invoice it credits (``credited_invoice``) and nets it
+        against that invoice: the allocation is that invoice, for what the note does not leave to use
+        (``remaining_amount_with_tax``), on the credit note's date."""
+        since = _aware(modified_since) if modified_since is not None else None
+        for raw, _lines in self._changed(since, with_lines=False, credit_notes=True):
+            yield self._credit_note(raw)
+
+    def _credit_note(self, raw: Mapping[str, Any]) -> CreditNote:
+        try:
+            draft = bool(raw.get("draft"))
+            status: InvoiceStatus = "draft" if draft else "authorised"
+            if raw.get("status") == "archived" or raw.get("archived_at"):
+                status = "deleted"
+            elif raw.get("status") == "cancelled":
+                status = "voided"
+            total = abs(_dec(raw.get("currency_amount")) or Decimal(0))
+            subtotal = abs(_dec(raw.get("currency_amount_before_tax")) or Decimal(0))
+            credited = raw.get("credited_invoice")
+            credited_id = str(credited["id"]) if isinstance(credited, Mapping) and credited.get("id") else None
+            left = _dec(raw.get("remaining_amount_with_tax"))
+            remaining = abs(left) if left is not None else (Decimal(0) if credited_id else total)
+            created = _parse_dt(raw.get("created_at"))
+            issue = _parse_date(raw.get("date")) or (created.date() if created else None)
+            if issue is None:
+                raise _shape_error("credit note date")
+            allocations: list[CreditAllocation] = []
+            if credited_id and status in ("authorised",) and total - remaining > 0:
+                allocations.append(CreditAllocation(invoice_ledger_id=credited_id, amount=total - remaining,
+                                                    date=issue))
+            if status == "authorised" and remaining == 0 and total > 0:
+                status = "paid"
+            customer = raw.get("customer")
+            number = raw.get("invoice_number")
+            return CreditNote(
+                ledger_id=str(raw["id"]),
+                number=str(number) if number and not draft else None,
+                customer_ledger_id=str(customer["id"]) if isinstance(customer, Mapping) and customer.get("id")
+                else None,
+                currency=str(raw.get("currency") or "EUR"),
+                issue_date=issue,
+                status=status,
+                subtotal=subtotal,
+                total=total,
+                remaining=remaining,
+                credited_invoice_ledger_id=credited_id,
+                allocations=allocations,
+                exchange_rate=_rate(raw.get("exchange_rate")),
+                updated_at=_parse_dt(raw.get("updated_at")),
+            )
+        except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
+            raise _shape_error("credit note") from None
+
+    # == expenses ==================================================================================
+    def list_expenses(self, account_codes: Sequence[str], start: dt.date, end: dt.date) -> Iterator[ExpenseLine]:
+        """The general ledger's lines on the ledger accounts numbered ``account_codes`` dated within
+        ``[start, end]`` (``GET /ledger_entry_lines`` filtered on ``ledger_account_id`` and ``date``): the expense
+        lines of supplier invoices as the accountant booked them, and whatever else was booked there (bank
+        payments, payroll entries), debit less credit, in euros. A supplier invoice's own lines do not name their
+        ledger account in the API; its ledger entry does."""
+        accounts: dict[str, str] = {}
+        for code in dict.fromkeys(c for c in account_codes if c):
+            flt = filter_param(("number", "eq", code))
+            for page in self.client.pages("/ledger_accounts", {"filter": flt, "sort": "id"}):
+                for raw in page:
+                    if str(raw.get("number") or "") == code and raw.get("id") is not None:
+                        accounts[str(raw["id"])] = code
+        ids = list(accounts)
+        for chunk in _in_chunks(ids):
+            flt = filter_param(("ledger_account_id", "in", [int(i) for i in chunk]),
+                               ("date", "gteq", start.isoformat()), ("date", "lteq", end.isoformat()))
+            for page in self.client.pages("/ledger_entry_lines", {"filter": flt, "sort": "id"}):
+                for raw in page:
+                    line = self._expense(raw, accounts)
+                    if line is not None:
+                        yield line
+
+    @staticmethod
+    def _expense(raw: Mapping[str, Any], accounts: Mapping[str, str]) -> ExpenseLine | None:
+        try:
+            account = raw.get("ledger_account")
+            code = accounts.get(str(account.get("id"))) if isinstance(account, Mapping) else None
+            day = _parse_date(raw.get("date"))
+            if code is None or day is None:
+                return None
+            net = (_dec(raw.get("debit")) or Decimal(0)) - (_dec(raw.get("credit")) or Decimal(0))
+            if not net:
+                return None
+            return ExpenseLine(ledger_id=str(raw["id"]), account_code=code, date=day, net=net, currency="EUR",
+                               description=str(raw["label"]) if raw.get("label") else None)
+        except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
+            raise _shape_error("ledger entry line") from None
+
+    # == organisation ==============================================================================
+    def base_currency(self) -> str:
+        """Pennylane keeps a company's books in euros (``amount`` fields are "in euros"; ``exchange_rate`` converts
+        to euros)."""
+        return "EUR"
+
+    def invoice_url(self, invoice: Invoice) -> str | None:
+        """None: the API gives an invoice no lasting address (its ``public_file_url`` is a PDF link that expires
+        after 30 minutes, no use in a CRM field)."""
+        return None

@@ -27,9 +27,27 @@ What it reproduces, because clients depend on it:
   ``reference_lookup_delay_s`` virtual seconds after it was created (every other read sees it at once);
 - changelogs of customer invoices, customers and products (``processed_at`` ascending, 4 weeks of retention:
   an older ``start_date`` answers 422, ``start_date`` with ``cursor`` answers 400);
+- credit notes: a customer invoice whose lines add up to a negative total (``credit_note`` filter, numbered
+  ``A<year><seq>``, ``status: credit_note``) that credits an invoice (``credited_invoice_id`` on create, or
+  ``POST /customer_invoices/{id}/link_credit_note``) of the same customer and currency, up to what is left of it:
+  the invoice's remaining amount goes down, its status becomes ``partially_cancelled``, ``cancelled`` when
+  credited in full; a credit note crediting nothing has all of it left to use (negative remaining amount);
+- the purchases side: ledger accounts (``GET/POST /ledger_accounts``, ``number`` filter), suppliers, supplier
+  invoices with their lines (the documented shapes; created by the sandbox's helpers, as the API imports them
+  from files), and their ledger entries in the purchases journal, read by ``GET /ledger_entry_lines``
+  (``ledger_account_id``, ``date``, ``journal_id`` filters) in euros; only supplier invoices and the history's
+  payroll entries produce ledger entry lines here;
+- ``exchange_rate`` in euros per unit, the sandbox's rate of the document's month (:func:`exchange_rate`);
 - error bodies: a body that breaks the schema (type, enum, format) answers 400 ``{message, field, code}``;
   a missing required field answers 422 ``{"error": "unprocessable_entity", "message", "details"}`` (the errors
   guide); a business rule (unknown customer, VAT code not enabled...) answers 422 ``{"error", "status"}``.
+
+History and settlement (for the demo and the metrics): :meth:`PennylaneSandbox.load_history` writes a
+:class:`~connectors.seedhistory.History` with the history's dates; :meth:`PennylaneSandbox.settle` (and
+``POST /_sandbox/settle {"today": "YYYY-MM-DD"}``) pays the open invoices as each customer's
+:func:`~connectors.seedhistory.payment_plan` says, once per planned payment. Chosen without a primary source
+(verify against Pennylane): the credit note numbering and status, the check that a credit note does not exceed
+what is left of the invoice it credits, and that a payment's ``created_at`` is the day the money came in.
 """
 
 from __future__ import annotations
@@ -49,10 +67,11 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
-from connectors.domain import round_money
+from connectors import seedhistory
+from connectors.domain import minor_unit, round_money
 from connectors.sandboxkit import (
     Clock,
     FaultPlan,
@@ -62,6 +81,11 @@ from connectors.sandboxkit import (
     SandboxResponse,
     json_response,
 )
+from connectors.seedhistory import HistoryInvoice
+
+if TYPE_CHECKING:
+    from connectors.seedbook import Book
+    from connectors.seedhistory import History, HistoryCreditNote, HistoryExpense
 
 __all__ = [
     "API_PREFIX",
@@ -69,6 +93,7 @@ __all__ = [
     "DEMO_CLIENT_ID",
     "DEMO_CLIENT_SECRET",
     "PennylaneSandbox",
+    "exchange_rate",
     "sandbox_settings",
 ]
 
@@ -92,7 +117,28 @@ _FR_CODES = frozenset({
     "extracom", "mixed",
 })
 _FOREIGN_CODE = re.compile(r"^[A-Z]{2}_\d+(?:_\d+)?$")
+#: Euros for one unit of each currency the company invoices in, before the monthly drift (see exchange_rate).
 _EUR_PER_UNIT: dict[str, Decimal] = {"EUR": Decimal("1"), "USD": Decimal("0.925926"), "GBP": Decimal("1.17")}
+_RATE_STEP = Decimal("0.000001")
+#: The company's chart of accounts to begin with: (number, label). Expense accounts are added as they are used.
+_LEDGER_ACCOUNTS: tuple[tuple[str, str], ...] = (
+    ("401", "Fournisseurs"), ("411", "Clients"), ("421", "Personnel - rémunérations dues"),
+    ("44566", "TVA déductible sur autres biens et services"), ("44571", "TVA collectée"), ("512", "Banque"),
+    ("6226", "Honoraires"), ("6231", "Annonces et insertions"), ("706", "Prestations de services"),
+    ("707", "Ventes de marchandises"),
+)
+_JOURNALS = {"HA": (2, "Achats"), "OD": (4, "Opérations diverses")}
+
+
+def exchange_rate(currency: str, day: dt.date) -> Decimal:
+    """The sandbox's rate of ``currency`` on ``day`` in euros for one unit (Pennylane's ``exchange_rate``): the base
+    rate moved by a fixed drift of the month (-1.25 % .. +1.25 %), so that documents of different months carry
+    different rates and every run gives the same ones. 1 for the euro."""
+    if currency == "EUR":
+        return Decimal(1)
+    month = day.year * 12 + day.month
+    drift = Decimal((month * 7) % 11 - 5) / Decimal(400)
+    return (_EUR_PER_UNIT[currency] * (Decimal(1) + drift)).quantize(_RATE_STEP)
 _DISCOUNT_TYPES = ("absolute", "relative")
 _ALL_OPS = frozenset({"lt", "lteq", "gt", "gteq", "eq", "not_eq", "in", "not_in"})
 _LIST_OPS = frozenset({"in", "not_in"})
@@ -228,6 +274,23 @@ _CUSTOMER_FILTERS: dict[str, tuple[str, frozenset[str]]] = {
 _PRODUCT_FILTERS: dict[str, tuple[str, frozenset[str]]] = {
     "id": ("int", _ALL_OPS), "label": ("str", frozenset({"eq", "in"})), "reference": ("str", frozenset({"eq", "in"})),
     "external_reference": ("str", frozenset({"eq", "not_eq", "in", "not_in"})),
+}
+
+_LEDGER_ACCOUNT_FILTERS: dict[str, tuple[str, frozenset[str]]] = {
+    "id": ("int", _ALL_OPS), "number": ("str", frozenset({"start_with", "eq"})), "enabled": ("bool", frozenset({"eq"})),
+}
+_SUPPLIER_FILTERS: dict[str, tuple[str, frozenset[str]]] = {
+    "id": ("int", _ALL_OPS), "name": ("str", frozenset({"start_with"})),
+    "external_reference": ("str", frozenset({"eq", "not_eq", "in", "not_in"})),
+}
+_SUPPLIER_INVOICE_FILTERS: dict[str, tuple[str, frozenset[str]]] = {
+    "id": ("int", _ALL_OPS), "supplier_id": ("int", _ALL_OPS), "date": ("date", _ALL_OPS),
+    "invoice_number": ("str", frozenset({"eq", "not_eq", "in", "not_in"})),
+    "external_reference": ("str", frozenset({"eq", "not_eq", "in", "not_in"})),
+}
+_ENTRY_LINE_FILTERS: dict[str, tuple[str, frozenset[str]]] = {
+    "id": ("int", _ALL_OPS), "journal_id": ("int", _ALL_OPS), "ledger_account_id": ("int", _ALL_OPS),
+    "date": ("date", _ALL_OPS),
 }
 
 Condition = tuple[str, str, Any]
@@ -373,7 +436,9 @@ class PennylaneSandbox(SandboxApp):
     vendor = "pennylane"
     state_attrs = (
         "_rng", "_next_id", "_numbers", "_customers", "_products", "_invoices", "_payments", "_changes",
-        "_change_seq", "_refresh", "_access", "counters",
+        "_change_seq", "_refresh", "_access", "counters", "_credit_numbers", "_ledger_accounts", "_suppliers",
+        "_supplier_invoices", "_entry_lines", "_history_customers", "_history_names", "_history_profiles",
+        "_history_keys", "_settled",
     )
 
     def __init__(
@@ -414,6 +479,20 @@ class PennylaneSandbox(SandboxApp):
         self._payments: dict[int, dict[str, Any]] = {}
         self._changes: list[dict[str, Any]] = []
         self._change_seq = 0
+        self._credit_numbers: dict[int, int] = {}
+        self._ledger_accounts: dict[int, dict[str, Any]] = {}
+        self._suppliers: dict[int, dict[str, Any]] = {}
+        self._supplier_invoices: dict[int, dict[str, Any]] = {}
+        self._entry_lines: dict[int, dict[str, Any]] = {}
+        # History and settlement: customer id -> book company id, company name (casefolded) -> company id,
+        # company id -> payer profile, invoice id -> (history invoice id, the history's today), invoice id ->
+        # planned payments already looked at.
+        self._history_customers: dict[int, str] = {}
+        self._history_names: dict[str, str] = {}
+        self._history_profiles: dict[str, Any] = {}
+        self._history_keys: dict[int, tuple[str, dt.date]] = {}
+        self._settled: dict[int, int] = {}
+        self._backdate: float | None = None  # while history is written: the time records are stamped with
         self._refresh: dict[str, bool] = {}  # refresh token -> used
         self._access: dict[str, float] = {}  # OAuth access token -> expiry (virtual)
         self.counters: dict[str, int] = {
@@ -421,6 +500,7 @@ class PennylaneSandbox(SandboxApp):
             "rate_limited": 0, "oauth_refreshes": 0,
         }
         self._seed_products(products)
+        self._seed_ledger_accounts()
         self._register_routes()
 
     # == seeding ===================================================================================
@@ -466,6 +546,17 @@ class PennylaneSandbox(SandboxApp):
         self.route("PUT", f"{a}/customer_invoices/{{id}}/mark_as_paid", self._api(self._mark_as_paid))
         self.route("GET", f"{a}/customer_invoices/{{id}}/invoice_lines", self._api(self._list_lines))
         self.route("GET", f"{a}/customer_invoices/{{id}}/payments", self._api(self._list_payments))
+        self.route("POST", f"{a}/customer_invoices/{{id}}/link_credit_note", self._api(self._link_credit_note))
+        self.route("GET", f"{a}/ledger_accounts", self._api(self._list_ledger_accounts))
+        self.route("POST", f"{a}/ledger_accounts", self._api(self._create_ledger_account))
+        self.route("GET", f"{a}/ledger_accounts/{{id}}", self._api(self._get_ledger_account))
+        self.route("GET", f"{a}/ledger_entry_lines", self._api(self._list_entry_lines))
+        self.route("GET", f"{a}/suppliers", self._api(self._list_suppliers))
+        self.route("POST", f"{a}/suppliers", self._api(self._create_supplier))
+        self.route("GET", f"{a}/suppliers/{{id}}", self._api(self._get_supplier))
+        self.route("GET", f"{a}/supplier_invoices", self._api(self._list_supplier_invoices))
+        self.route("GET", f"{a}/supplier_invoices/{{id}}", self._api(self._get_supplier_invoice))
+        self.route("GET", f"{a}/supplier_invoices/{{id}}/invoice_lines", self._api(self._list_supplier_lines))
         for resource in ("customer_invoices", "customers", "products"):
             self.route("GET", f"{a}/changelogs/{resource}", self._api(self._changelog_of(resource)))
 
@@ -604,13 +695,17 @@ class PennylaneSandbox(SandboxApp):
     def _today(self) -> dt.date:
         return dt.datetime.fromtimestamp(self.clock.now(), tz=dt.UTC).date()
 
+    def _record_time(self) -> float:
+        """When a record written now says it was written: the sandbox clock, or the day history is written for."""
+        return self.clock.now() if self._backdate is None else self._backdate
+
     def _url(self, path: str) -> str:
         return f"{self.base_url}{API_PREFIX}{path}"
 
     def _log_change(self, resource: str, record: Mapping[str, Any], operation: str) -> None:
         self._change_seq += 1
         self._changes.append({"seq": self._change_seq, "resource": resource, "id": record["id"],
-                              "operation": operation, "processed_at": self.clock.now(),
+                              "operation": operation, "processed_at": self._record_time(),
                               "updated_at": record["updated_at"], "created_at": record["created_at"]})
 
     def _prune_changes(self) -> None:
@@ -724,7 +819,10 @@ class PennylaneSandbox(SandboxApp):
         return out
 
     def _create_customer(self, req: SandboxRequest, kind: str) -> SandboxResponse:
-        body = self._body(req)
+        return _json(201, self._render_customer(self._save_customer(self._body(req), kind), with_type=False))
+
+    def _save_customer(self, body: Mapping[str, Any], kind: str) -> dict[str, Any]:
+        """A company or individual customer from a request body (a rejection when Pennylane would refuse it)."""
         if kind == "company":
             name = body.get("name")
             if name is None:
@@ -762,7 +860,7 @@ class PennylaneSandbox(SandboxApp):
         if any(c["external_reference"] == ext for c in self._customers.values()):
             raise _Reject(_json(409, {"error": "Conflict with the current state of the target resource. Resource "
                                                "already exists.", "status": 409}))
-        now = self.clock.now()
+        now = self._record_time()
         cid = self._new_id()
         record: dict[str, Any] = {
             "id": cid, "customer_type": kind, "name": name, "first_name": first, "last_name": last,
@@ -775,7 +873,7 @@ class PennylaneSandbox(SandboxApp):
         self._customers[cid] = record
         self.counters["customer_creates"] += 1
         self._log_change("customers", record, "insert")
-        return _json(201, self._render_customer(record, with_type=False))
+        return record
 
     def _get_customer(self, req: SandboxRequest, kind: str | None) -> SandboxResponse:
         record = self._customers.get(self._record_id(req))
@@ -865,20 +963,31 @@ class PennylaneSandbox(SandboxApp):
 
     # == customer invoices =========================================================================
     def _status(self, inv: Mapping[str, Any]) -> str:
+        """Draft; a credit note; an invoice cancelled (credited in full), paid (by payments, with what credit notes
+        took off), partially cancelled, partially paid, late or upcoming."""
         if inv["draft"]:
             return "draft"
-        if inv["cancelled"]:
+        if inv.get("credit_note"):
+            return "credit_note"
+        credited = self._credited(inv)
+        if inv["cancelled"] or credited >= inv["total"]:
             return "cancelled"
-        if inv["marked_paid"] or inv["paid_amount"] >= inv["total"]:
+        if inv["marked_paid"] or inv["paid_amount"] + credited >= inv["total"]:
             return "paid"
+        if credited > 0:
+            return "partially_cancelled"
         if inv["paid_amount"] > 0:
             return "partially_paid"
         return "late" if dt.date.fromisoformat(inv["deadline"]) < self._today() else "upcoming"
 
     def _remaining(self, inv: Mapping[str, Any]) -> Decimal:
+        """What is left to pay, with tax; for a credit note, what is left to use (negative), 0 once it credits an
+        invoice."""
+        if inv.get("credit_note"):
+            return Decimal(0) if inv.get("credited_invoice_id") is not None else Decimal(inv["total"])
         if inv["marked_paid"] or inv["cancelled"]:
             return Decimal(0)
-        due: Decimal = inv["total"] - inv["paid_amount"]
+        due: Decimal = inv["total"] - inv["paid_amount"] - self._credited(inv)
         return max(due, Decimal(0))
 
     def _eur(self, inv: Mapping[str, Any], amount: Decimal) -> Decimal:
@@ -910,6 +1019,7 @@ class PennylaneSandbox(SandboxApp):
         if remaining is not None:
             remaining_ht = (round_money(inv["before_tax"] * remaining / inv["total"], cur) if inv["total"]
                             else Decimal(0))
+        credited = inv.get("credited_invoice_id")
         return {
             "id": iid, "label": inv["label"], "invoice_number": inv["invoice_number"], "currency": cur,
             "amount": _money(self._eur(inv, inv["total"])), "currency_amount": _money(inv["total"], cur),
@@ -928,7 +1038,9 @@ class PennylaneSandbox(SandboxApp):
             "custom_header_fields": {"url": self._url(f"/customer_invoices/{iid}/custom_header_fields")},
             "categories": {"url": self._url(f"/customer_invoices/{iid}/categories")},
             "pdf_invoice_free_text": inv["pdf_invoice_free_text"], "pdf_invoice_subject": inv["pdf_invoice_subject"],
-            "pdf_description": inv["pdf_description"], "billing_subscription": None, "credited_invoice": None,
+            "pdf_description": inv["pdf_description"], "billing_subscription": None,
+            "credited_invoice": {"id": credited, "url": self._url(f"/customer_invoices/{credited}")} if credited
+            else None,
             "customer_invoice_template": None, "transaction_reference": None,
             "payments": {"url": self._url(f"/customer_invoices/{iid}/payments")},
             "matched_transactions": {"url": self._url(f"/customer_invoices/{iid}/matched_transactions")},
@@ -947,7 +1059,7 @@ class PennylaneSandbox(SandboxApp):
         if field == "date":
             return dt.date.fromisoformat(inv["date"])
         if field == "credit_note":
-            return False
+            return bool(inv.get("credit_note"))
         if field in ("billing_subscription_id", "quote_id", "category_id"):
             return None
         if field == "invoice_number":
@@ -1063,6 +1175,8 @@ class PennylaneSandbox(SandboxApp):
             if value < 0 or (spec["type"] == "relative" and value > 100):
                 raise _unprocessable(f"{where}.discount.value is out of range")
             discount = {"type": spec["type"], "value": value}
+            if spec["type"] == "absolute" and price < 0:
+                raise _unprocessable(f"{where}.discount: a credit note line takes a relative discount only")
             if spec["type"] == "relative":
                 before = round_money(gross * (Decimal(100) - value) / Decimal(100), currency)
             else:
@@ -1077,7 +1191,12 @@ class PennylaneSandbox(SandboxApp):
         }
 
     def _create_invoice(self, req: SandboxRequest) -> SandboxResponse:
-        body = self._body(req)
+        return _json(201, self._render_invoice(self._new_invoice(self._body(req))))
+
+    def _new_invoice(self, body: Mapping[str, Any], *, number: str | None = None) -> dict[str, Any]:
+        """A customer invoice or, when its lines add up to a negative total, a credit note (``credited_invoice_id``
+        names the invoice it credits). ``number`` is the invoice number of an imported document (else numbered on
+        finalization)."""
         draft = body.get("draft", False)
         if not isinstance(draft, bool):
             raise _schema_error("draft must be a boolean", "draft", "NotAnyOf")
@@ -1087,6 +1206,9 @@ class PennylaneSandbox(SandboxApp):
         if body.get("customer_id") is not None and (isinstance(body["customer_id"], bool)
                                                     or not isinstance(body["customer_id"], int)):
             raise _schema_error("customer_id must be an integer", "customer_id", "ValidateError")
+        credited_id = body.get("credited_invoice_id")
+        if credited_id is not None and (isinstance(credited_id, bool) or not isinstance(credited_id, int)):
+            raise _schema_error("credited_invoice_id must be an integer", "credited_invoice_id", "ValidateError")
         lines_raw = body.get("invoice_lines")
         if lines_raw is not None:
             if not isinstance(lines_raw, list):
@@ -1109,56 +1231,124 @@ class PennylaneSandbox(SandboxApp):
                 i["external_reference"] == ext and not i["deleted"] for i in self._invoices.values()):
             raise _Reject(_json(409, {"error": "Conflict with the current state of the target resource. Resource "
                                                "already exists.", "status": 409}))
-        now = self.clock.now()
+        now = self._record_time()
         raw_lines: list[Any] = body["invoice_lines"]
         lines = [self._build_line(raw, n, currency, now) for n, raw in enumerate(raw_lines)]
+        before_tax = sum((ln["before_tax"] for ln in lines), Decimal(0))
+        tax = sum((ln["tax"] for ln in lines), Decimal(0))
+        credit_note = before_tax + tax < 0
+        if before_tax + tax == 0:
+            raise _unprocessable("The total amount of an invoice cannot be zero")
+        if credited_id is not None:
+            if not credit_note:
+                raise _unprocessable("credited_invoice_id is only for a credit note (negative amounts)")
+            self._check_credit(customer["id"], currency, credited_id, -(before_tax + tax))
         iid = self._new_id()
         texts = {f: body.get(f) for f in ("label", "special_mention", "pdf_invoice_free_text", "pdf_invoice_subject",
                                           "pdf_description")}
+        default_label = f"{'Avoir' if credit_note else 'Facture'} {customer['name']}"
         record: dict[str, Any] = {
             "id": iid, "customer_id": customer["id"], "date": body["date"], "deadline": body["deadline"],
-            "currency": currency, "exchange_rate": _EUR_PER_UNIT[currency], "draft": draft,
+            "currency": currency, "exchange_rate": self._rate(currency, str(body["date"])), "draft": draft,
             "external_reference": ext or str(uuid.UUID(int=self._rng.getrandbits(128), version=4)),
-            "invoice_number": "", "label": texts["label"] or f"Facture {customer['name']}",
+            "invoice_number": "", "label": texts["label"] or default_label,
             "language": body.get("language") or customer["billing_language"],
             "special_mention": texts["special_mention"],
             "pdf_invoice_free_text": texts["pdf_invoice_free_text"] or "",
             "pdf_invoice_subject": texts["pdf_invoice_subject"] or "", "pdf_description": texts["pdf_description"],
-            "lines": lines, "before_tax": sum((ln["before_tax"] for ln in lines), Decimal(0)),
-            "tax": sum((ln["tax"] for ln in lines), Decimal(0)), "paid_amount": Decimal(0), "marked_paid": False,
+            "lines": lines, "before_tax": before_tax, "tax": tax, "paid_amount": Decimal(0), "marked_paid": False,
             "cancelled": False, "deleted": False, "created_at": now, "updated_at": now,
-            "visible_at": now + self.reference_lookup_delay_s,
+            "visible_at": now + self.reference_lookup_delay_s, "credit_note": credit_note,
+            "credited_invoice_id": credited_id,
         }
         record["total"] = record["before_tax"] + record["tax"]
         if not draft:
-            self._assign_number(record)
+            if number:
+                record["invoice_number"] = number
+            else:
+                self._assign_number(record)
         self._invoices[iid] = record
         self.counters["invoice_creates"] += 1
         self._log_change("customer_invoices", record, "insert")
-        return _json(201, self._render_invoice(record))
+        if credited_id is not None and not draft:
+            self._touch(self._invoices[credited_id])
+        return record
+
+    def _check_credit(self, customer_id: int, currency: str, invoice_id: int, amount: Decimal,
+                      except_id: int | None = None) -> None:
+        """A credit note of ``amount`` (positive) may credit this invoice: a finalized invoice (not a credit note)
+        of the same customer and currency, with at least that much not credited yet."""
+        target = self._invoices.get(invoice_id)
+        if target is None or target["deleted"] or target["draft"] or target.get("credit_note"):
+            raise _unprocessable(f"Customer invoice {invoice_id} not found or not finalized")
+        if target["customer_id"] != customer_id or target["currency"] != currency:
+            raise _unprocessable("A credit note must have the customer and the currency of the invoice it credits")
+        if amount > target["total"] - self._credited(target, except_id=except_id):
+            raise _unprocessable("The credit note is larger than what is left to credit on the invoice")
+
+    def _credited(self, inv: Mapping[str, Any], *, except_id: int | None = None) -> Decimal:
+        """What finalized credit notes credit on ``inv`` (positive)."""
+        return -sum((c["total"] for c in self._invoices.values()
+                     if c.get("credited_invoice_id") == inv["id"] and c.get("credit_note") and not c["draft"]
+                     and not c["deleted"] and c["id"] != except_id), Decimal(0))
+
+    def _rate(self, currency: str, day: str) -> Decimal:
+        try:
+            when = dt.date.fromisoformat(day[:10])
+        except ValueError:
+            when = self._today()
+        return exchange_rate(currency, when)
 
     def _assign_number(self, inv: dict[str, Any]) -> None:
         year = dt.date.fromisoformat(inv["date"]).year
+        if inv.get("credit_note"):
+            self._credit_numbers[year] = self._credit_numbers.get(year, 0) + 1
+            inv["invoice_number"] = f"A{year}{self._credit_numbers[year]:04d}"
+            return
         self._numbers[year] = self._numbers.get(year, 0) + 1
         inv["invoice_number"] = f"F{year}{self._numbers[year]:04d}"
 
     def _touch(self, inv: dict[str, Any], operation: str = "update") -> None:
-        inv["updated_at"] = self.clock.now()
+        inv["updated_at"] = self._record_time()
         self._log_change("customer_invoices", inv, operation)
+
+    def _link_credit_note(self, req: SandboxRequest) -> SandboxResponse:
+        inv = self._live_invoice(req)
+        body = self._body(req)
+        note_id = body.get("credit_note_id")
+        if note_id is None:
+            raise _missing("credit_note_id")
+        if isinstance(note_id, bool) or not isinstance(note_id, int):
+            raise _schema_error("credit_note_id must be an integer", "credit_note_id", "ValidateError")
+        note = self._invoices.get(note_id)
+        if note is None or note["deleted"] or not note.get("credit_note"):
+            raise _unprocessable(f"Credit note {note_id} not found")
+        if note.get("credited_invoice_id") not in (None, inv["id"]):
+            raise _unprocessable("The credit note already credits another invoice")
+        self._check_credit(note["customer_id"], note["currency"], inv["id"], -note["total"], except_id=note["id"])
+        note["credited_invoice_id"] = inv["id"]
+        self._touch(note)
+        self._touch(inv)
+        return _json(200, self._render_invoice(note))
 
     def _finalize(self, req: SandboxRequest) -> SandboxResponse:
         inv = self._live_invoice(req)
         if not inv["draft"]:
             raise _unprocessable("The invoice is already finalized")
+        if inv.get("credit_note") and inv.get("credited_invoice_id") is not None:
+            self._check_credit(inv["customer_id"], inv["currency"], inv["credited_invoice_id"], -inv["total"],
+                               except_id=inv["id"])
         inv["draft"] = False
         self._assign_number(inv)
         self._touch(inv)
+        if inv.get("credit_note") and inv.get("credited_invoice_id") is not None:
+            self._touch(self._invoices[inv["credited_invoice_id"]])
         return _json(200, self._render_invoice(inv))
 
     def _mark_as_paid(self, req: SandboxRequest) -> SandboxResponse:
         inv = self._live_invoice(req)
-        if inv["draft"]:
-            raise _unprocessable("A draft invoice cannot be marked as paid")
+        if inv["draft"] or inv.get("credit_note"):
+            raise _unprocessable("Only a finalized invoice can be marked as paid")
         if not inv["marked_paid"]:
             inv["marked_paid"] = True
             self._touch(inv)
@@ -1171,6 +1361,243 @@ class PennylaneSandbox(SandboxApp):
         inv["deleted"] = True
         self._touch(inv, "delete")
         return SandboxResponse(204, b"", {})
+
+    # == ledger accounts, suppliers, supplier invoices, ledger entry lines ===========================
+    def _seed_ledger_accounts(self) -> None:
+        for number, label in _LEDGER_ACCOUNTS:
+            self._new_ledger_account(number, label)
+
+    def _new_ledger_account(self, number: str, label: str) -> dict[str, Any]:
+        now = self._record_time()
+        lid = self._new_id()
+        record = {"id": lid, "number": number, "label": label, "vat_rate": "any", "country_alpha2": "FR",
+                  "enabled": True, "created_at": now, "updated_at": now}
+        self._ledger_accounts[lid] = record
+        return record
+
+    def _account_numbered(self, number: str, label: str = "") -> dict[str, Any]:
+        for account in self._ledger_accounts.values():
+            if account["number"] == number:
+                return account
+        return self._new_ledger_account(number, label or f"Compte {number}")
+
+    def _render_ledger_account(self, a: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: a[k] for k in ("id", "number", "label", "vat_rate", "country_alpha2", "enabled")}
+
+    def _list_ledger_accounts(self, req: SandboxRequest) -> SandboxResponse:
+        conditions = _parse_filter(req.arg("filter"), _LEDGER_ACCOUNT_FILTERS)
+        rows = [a for a in self._ledger_accounts.values() if all(_matches(a.get(f), op, v) for f, op, v in conditions)]
+        _, body = self._paginate(req, rows, self._render_ledger_account, scope="ledger_accounts",
+                                 sorts={"id": lambda a: [a["id"]]})
+        return _json(200, body)
+
+    def _get_ledger_account(self, req: SandboxRequest) -> SandboxResponse:
+        record = self._ledger_accounts.get(self._record_id(req))
+        if record is None:
+            raise _not_found()
+        return _json(200, self._render_ledger_account(record))
+
+    def _create_ledger_account(self, req: SandboxRequest) -> SandboxResponse:
+        body = self._body(req)
+        for field in ("number", "label"):
+            if body.get(field) is None:
+                raise _missing(field)
+            if not isinstance(body[field], str):
+                raise _schema_error(f"{field} must be a string", field, "ValidateError")
+        number = body["number"].strip()
+        if not re.fullmatch(r"[0-9][0-9A-Z]*", number):
+            raise _unprocessable("number must start with a digit of the chart of accounts")
+        if any(a["number"] == number for a in self._ledger_accounts.values()):
+            raise _Reject(_json(409, {"error": "Conflict with the current state of the target resource. Resource "
+                                               "already exists.", "status": 409}))
+        return _json(201, self._render_ledger_account(self._new_ledger_account(number, body["label"])))
+
+    def _render_supplier(self, s: Mapping[str, Any]) -> dict[str, Any]:
+        return {"id": s["id"], "name": s["name"], "establishment_no": None, "reg_no": s["reg_no"],
+                "vat_number": s["vat_number"], "ledger_account": {"id": s["ledger_account_id"]}, "emails": [],
+                "iban": None, "postal_address": dict(s["postal_address"]),
+                "supplier_payment_method": "manual_transfer", "supplier_due_date_delay": 30,
+                "supplier_due_date_rule": "days", "external_reference": s["external_reference"],
+                "created_at": self._ts(s["created_at"]), "updated_at": self._ts(s["updated_at"])}
+
+    def _new_supplier(self, name: str, external_reference: str | None = None, *, reg_no: str = "",
+                      vat_number: str = "") -> dict[str, Any]:
+        ext = external_reference or str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
+        if any(s["external_reference"] == ext for s in self._suppliers.values()):
+            raise _Reject(_json(409, {"error": "Conflict with the current state of the target resource. Resource "
+                                               "already exists.", "status": 409}))
+        now = self._record_time()
+        sid = self._new_id()
+        record = {"id": sid, "name": name, "reg_no": reg_no, "vat_number": vat_number, "external_reference": ext,
+                  "ledger_account_id": self._account_numbered("401")["id"],
+                  "postal_address": {"address": "", "postal_code": "", "city": "", "country_alpha2": "FR"},
+                  "created_at": now, "updated_at": now}
+        self._suppliers[sid] = record
+        return record
+
+    def _create_supplier(self, req: SandboxRequest) -> SandboxResponse:
+        body = self._body(req)
+        name = body.get("name")
+        if name is None:
+            raise _missing("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _unprocessable("name can't be blank")
+        texts = {}
+        for field in ("external_reference", "reg_no", "vat_number"):
+            value = body.get(field)
+            if value is not None and not isinstance(value, str):
+                raise _schema_error(f"{field} must be a string", field, "ValidateError")
+            texts[field] = value
+        return _json(201, self._render_supplier(self._new_supplier(
+            name, texts["external_reference"], reg_no=texts["reg_no"] or "", vat_number=texts["vat_number"] or "")))
+
+    def _list_suppliers(self, req: SandboxRequest) -> SandboxResponse:
+        conditions = _parse_filter(req.arg("filter"), _SUPPLIER_FILTERS)
+        rows = [s for s in self._suppliers.values() if all(_matches(s.get(f), op, v) for f, op, v in conditions)]
+        _, body = self._paginate(req, rows, self._render_supplier, scope="suppliers", sorts={"id": lambda s: [s["id"]]})
+        return _json(200, body)
+
+    def _get_supplier(self, req: SandboxRequest) -> SandboxResponse:
+        record = self._suppliers.get(self._record_id(req))
+        if record is None:
+            raise _not_found()
+        return _json(200, self._render_supplier(record))
+
+    def _new_supplier_invoice(self, supplier: Mapping[str, Any], day: dt.date, currency: str,
+                              lines: Sequence[tuple[str, str, Decimal, str]], *, number: str | None = None,
+                              external_reference: str | None = None) -> dict[str, Any]:
+        """A supplier invoice as Pennylane holds it once imported and booked: lines of (label, expense account
+        number, amount before tax, VAT code), and its ledger entry in the purchases journal (each line's amount
+        before tax debited to its account, the VAT to 44566, the total credited to the supplier's 401), in euros."""
+        now = self._record_time()
+        rate = exchange_rate(currency, day)
+        sid = self._new_id()
+        rows: list[dict[str, Any]] = []
+        for label, account_number, net, code in lines:
+            before = round_money(net, currency)
+            tax = round_money(before * self.tax_rates[code] / Decimal(100), currency)
+            rows.append({"id": self._new_id(), "label": label, "description": label, "vat_rate": code,
+                         "before_tax": before, "tax": tax, "total": before + tax,
+                         "account_id": self._account_numbered(account_number, label.split(" – ")[0][:80])["id"],
+                         "created_at": now, "updated_at": now})
+        record: dict[str, Any] = {
+            "id": sid, "supplier_id": supplier["id"], "date": day.isoformat(),
+            "deadline": (day + dt.timedelta(days=30)).isoformat(), "currency": currency, "exchange_rate": rate,
+            "invoice_number": number or f"FF-{sid}", "label": rows[0]["label"] if rows else supplier["name"],
+            "external_reference": external_reference or str(uuid.UUID(int=self._rng.getrandbits(128), version=4)),
+            "lines": rows, "before_tax": sum((r["before_tax"] for r in rows), Decimal(0)),
+            "tax": sum((r["tax"] for r in rows), Decimal(0)), "entry_id": self._new_id(), "created_at": now,
+            "updated_at": now,
+        }
+        record["total"] = record["before_tax"] + record["tax"]
+        self._supplier_invoices[sid] = record
+        entry: list[tuple[int, Decimal, Decimal, str]] = []
+        for row in rows:
+            entry.append((row["account_id"], round_money(row["before_tax"] * rate, "EUR"), Decimal(0), row["label"]))
+        tax_eur = round_money(record["tax"] * rate, "EUR")
+        if tax_eur:
+            entry.append((self._account_numbered("44566")["id"], tax_eur, Decimal(0), record["label"]))
+        total_eur = sum((d for _a, d, _c, _l in entry), Decimal(0))
+        entry.append((supplier["ledger_account_id"], Decimal(0), total_eur, f"{supplier['name']} - {record['label']}"))
+        self._post_entry("HA", day, record["entry_id"], entry)
+        return record
+
+    def _post_entry(self, journal: str, day: dt.date, entry_id: int,
+                    lines: Sequence[tuple[int, Decimal, Decimal, str]]) -> None:
+        """Ledger entry lines (account id, debit, credit, label) of one entry; debits and credits balance."""
+        if sum((d - c for _a, d, c, _l in lines), Decimal(0)) != 0:
+            raise ValueError("a ledger entry must balance")
+        now = self._record_time()
+        for account_id, debit, credit, label in lines:
+            lid = self._new_id()
+            self._entry_lines[lid] = {"id": lid, "entry_id": entry_id, "journal": journal, "date": day.isoformat(),
+                                      "ledger_account_id": account_id, "debit": debit, "credit": credit,
+                                      "label": label, "created_at": now, "updated_at": now}
+
+    def _render_supplier_invoice(self, inv: Mapping[str, Any]) -> dict[str, Any]:
+        sid = inv["id"]
+        cur = inv["currency"]
+        eur = inv["exchange_rate"]
+        return {
+            "id": sid, "label": inv["label"], "invoice_number": inv["invoice_number"], "currency": cur,
+            "amount": _money(round_money(inv["total"] * eur, "EUR")), "currency_amount": _money(inv["total"], cur),
+            "currency_amount_before_tax": _money(inv["before_tax"], cur), "exchange_rate": _plain(eur),
+            "date": inv["date"], "deadline": inv["deadline"], "currency_tax": _money(inv["tax"], cur),
+            "tax": _money(round_money(inv["tax"] * eur, "EUR")), "reconciled": False, "accounting_status": "complete",
+            "filename": f"{inv['invoice_number']}.pdf",
+            "public_file_url": self._url(f"/public/supplier_invoice/{sid}.pdf"),
+            "remaining_amount_with_tax": _money(inv["total"], cur),
+            "remaining_amount_without_tax": _money(inv["before_tax"], cur), "ledger_entry": {"id": inv["entry_id"]},
+            "supplier": {"id": inv["supplier_id"], "url": self._url(f"/suppliers/{inv['supplier_id']}")},
+            "invoice_lines": {"url": self._url(f"/supplier_invoices/{sid}/invoice_lines")},
+            "categories": {"url": self._url(f"/supplier_invoices/{sid}/categories")}, "transaction_reference": None,
+            "payment_status": "to_be_paid", "payments": {"url": self._url(f"/supplier_invoices/{sid}/payments")},
+            "matched_transactions": {"url": self._url(f"/supplier_invoices/{sid}/matched_transactions")},
+            "external_reference": inv["external_reference"], "e_invoicing": None, "archived_at": None,
+            "created_at": self._ts(inv["created_at"]), "updated_at": self._ts(inv["updated_at"]),
+        }
+
+    def _render_supplier_line(self, inv: Mapping[str, Any], line: Mapping[str, Any]) -> dict[str, Any]:
+        cur = inv["currency"]
+        eur = inv["exchange_rate"]
+        return {"id": line["id"], "label": line["label"], "amount": _money(round_money(line["total"] * eur, "EUR")),
+                "currency_amount": _money(line["total"], cur), "description": line["description"],
+                "vat_rate": line["vat_rate"], "currency_amount_before_tax": _money(line["before_tax"], cur),
+                "currency_tax": _money(line["tax"], cur), "tax": _money(round_money(line["tax"] * eur, "EUR")),
+                "imputation_dates": None, "created_at": self._ts(line["created_at"]),
+                "updated_at": self._ts(line["updated_at"])}
+
+    def _list_supplier_invoices(self, req: SandboxRequest) -> SandboxResponse:
+        conditions = _parse_filter(req.arg("filter"), _SUPPLIER_INVOICE_FILTERS)
+
+        def value(inv: Mapping[str, Any], field: str) -> Any:
+            return dt.date.fromisoformat(inv["date"]) if field == "date" else inv.get(field)
+
+        rows = [i for i in self._supplier_invoices.values()
+                if all(_matches(value(i, f), op, v) for f, op, v in conditions)]
+        _, body = self._paginate(req, rows, self._render_supplier_invoice, scope="supplier_invoices",
+                                 sorts={"id": lambda i: [i["id"]], "date": lambda i: [i["date"], i["id"]]})
+        return _json(200, body)
+
+    def _get_supplier_invoice(self, req: SandboxRequest) -> SandboxResponse:
+        record = self._supplier_invoices.get(self._record_id(req))
+        if record is None:
+            raise _not_found()
+        return _json(200, self._render_supplier_invoice(record))
+
+    def _list_supplier_lines(self, req: SandboxRequest) -> SandboxResponse:
+        inv = self._supplier_invoices.get(self._record_id(req))
+        if inv is None:
+            raise _not_found()
+        _, body = self._paginate(req, inv["lines"], lambda ln: self._render_supplier_line(inv, ln),
+                                 scope=f"supplier_invoice_lines:{inv['id']}", sorts={"id": lambda ln: [ln["id"]]})
+        return _json(200, body)
+
+    def _render_entry_line(self, line: Mapping[str, Any]) -> dict[str, Any]:
+        journal_id, _name = _JOURNALS[line["journal"]]
+        return {"id": line["id"], "debit": _money(line["debit"]), "credit": _money(line["credit"]),
+                "label": line["label"],
+                "ledger_account": {"id": line["ledger_account_id"],
+                                   "url": self._url(f"/ledger_accounts/{line['ledger_account_id']}")},
+                "journal": {"id": journal_id, "url": self._url(f"/journals/{journal_id}")}, "date": line["date"],
+                "ledger_entry": {"id": line["entry_id"]}, "lettered_ledger_entry_lines": {"ids": []},
+                "created_at": self._ts(line["created_at"]), "updated_at": self._ts(line["updated_at"])}
+
+    def _list_entry_lines(self, req: SandboxRequest) -> SandboxResponse:
+        conditions = _parse_filter(req.arg("filter"), _ENTRY_LINE_FILTERS)
+
+        def value(line: Mapping[str, Any], field: str) -> Any:
+            if field == "date":
+                return dt.date.fromisoformat(line["date"])
+            if field == "journal_id":
+                return _JOURNALS[line["journal"]][0]
+            return line[field]
+
+        rows = [ln for ln in self._entry_lines.values()
+                if all(_matches(value(ln, f), op, v) for f, op, v in conditions)]
+        _, body = self._paginate(req, rows, self._render_entry_line, scope="ledger_entry_lines",
+                                 sorts={"id": lambda ln: [ln["id"]], "date": lambda ln: [ln["date"], ln["id"]]})
+        return _json(200, body)
 
     # == changelogs ================================================================================
     def _changelog(self, req: SandboxRequest, resource: str) -> SandboxResponse:
@@ -1205,18 +1632,24 @@ class PennylaneSandbox(SandboxApp):
 
     # == test and demo helpers =====================================================================
     def admin(self, req: SandboxRequest) -> SandboxResponse:
-        """Sandbox controls: ``GET /_sandbox/{stats,invoices,customers,payments}``; ``POST /_sandbox/payments``
-        (``{"invoice_id", "amount", "label"?, "status"?}``: a payment matched to an invoice);
-        ``POST /_sandbox/invoices/{id}/cancel`` (a credit note covering the whole invoice);
-        ``POST /_sandbox/authorize`` (a fresh OAuth token set)."""
+        """Sandbox controls: ``GET /_sandbox/{stats,invoices,credit_notes,customers,payments}``;
+        ``POST /_sandbox/payments`` (``{"invoice_id", "amount", "label"?, "status"?}``: a payment matched to an
+        invoice); ``POST /_sandbox/invoices/{id}/cancel`` (a credit note covering the whole invoice);
+        ``POST /_sandbox/settle`` (``{"today": "YYYY-MM-DD"}``: the customers pay as planned up to that day, see
+        :meth:`settle`); ``POST /_sandbox/authorize`` (a fresh OAuth token set)."""
         path = req.path.rstrip("/")
         h = {"Content-Type": "application/json"}
 
         def ok(payload: Any) -> SandboxResponse:
             return SandboxResponse(200, json.dumps(payload, default=str).encode(), h)
 
+        def bad(exc: Exception) -> SandboxResponse:
+            return SandboxResponse(400, json.dumps({"message": f"{type(exc).__name__}: {exc}"}).encode(), h)
+
         if req.method == "GET" and path == "/_sandbox/invoices":
             return ok(self.ledger_view())
+        if req.method == "GET" and path == "/_sandbox/credit_notes":
+            return ok(self.credit_notes())
         if req.method == "GET" and path == "/_sandbox/customers":
             return ok(self.customers())
         if req.method == "GET" and path == "/_sandbox/payments":
@@ -1236,31 +1669,50 @@ class PennylaneSandbox(SandboxApp):
                 payment = self.create_payment(int(body["invoice_id"]), Decimal(str(body["amount"])),
                                               label=body.get("label"), status=str(body.get("status") or "found"))
             except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
-                return SandboxResponse(400, json.dumps({"message": f"{type(exc).__name__}: {exc}"}).encode(), h)
+                return bad(exc)
             return ok(payment)
+        if req.method == "POST" and path == "/_sandbox/settle":
+            try:
+                body = json.loads(req.body or b"{}") or {}
+                today = dt.date.fromisoformat(str(body["today"])) if body.get("today") else self._today()
+                made = self.settle(today)
+            except (ValueError, TypeError, AttributeError) as exc:
+                return bad(exc)
+            return ok({"payments": made, "today": today.isoformat()})
         return super().admin(req)
 
     def ledger_view(self) -> list[dict[str, Any]]:
-        """Every invoice ever created, in creation order, with the keys of the Xero sandbox's
+        """Every invoice ever created (credit notes apart), in creation order, with the keys of the Xero sandbox's
         ``/_sandbox/invoices`` (``Reference``, ``SubTotal``, ``Total``, ``CurrencyCode``, ``Status``...), so
-        that tests compare ledgers. Status: ``DELETED`` (a deleted draft), ``VOIDED`` (cancelled), ``DRAFT``,
-        else ``AUTHORISED``; amounts are strings."""
+        that tests compare ledgers. Status: ``DELETED`` (a deleted draft), ``VOIDED`` (cancelled: credited in
+        full), ``DRAFT``, else ``AUTHORISED``; ``AmountCredited`` is what credit notes took off; amounts are
+        strings."""
         with self.lock:
             out: list[dict[str, Any]] = []
             for inv in self._invoices.values():
+                if inv.get("credit_note"):
+                    continue
                 cur = inv["currency"]
-                status = ("DELETED" if inv["deleted"] else "VOIDED" if inv["cancelled"]
-                          else "DRAFT" if inv["draft"] else "AUTHORISED")
-                paid = inv["total"] - self._remaining(inv) if not inv["draft"] else Decimal(0)
+                status = ("DELETED" if inv["deleted"] else "DRAFT" if inv["draft"]
+                          else "VOIDED" if self._status(inv) == "cancelled" else "AUTHORISED")
+                credited = self._credited(inv) if not inv["draft"] else Decimal(0)
+                due = self._remaining(inv) if not inv["draft"] else inv["total"]
                 out.append({
                     "InvoiceID": str(inv["id"]), "InvoiceNumber": inv["invoice_number"] or None,
                     "Reference": inv["external_reference"], "ContactID": str(inv["customer_id"]),
                     "Date": inv["date"], "DueDate": inv["deadline"], "CurrencyCode": cur,
                     "SubTotal": _money(inv["before_tax"], cur), "TotalTax": _money(inv["tax"], cur),
-                    "Total": _money(inv["total"], cur), "AmountPaid": _money(paid, cur),
-                    "AmountDue": _money(inv["total"] - paid, cur), "Status": status, "LineCount": len(inv["lines"]),
+                    "Total": _money(inv["total"], cur),
+                    "AmountPaid": _money(max(inv["total"] - due - credited, Decimal(0)), cur),
+                    "AmountCredited": _money(credited, cur), "AmountDue": _money(due, cur), "Status": status,
+                    "LineCount": len(inv["lines"]),
                 })
             return out
+
+    def credit_notes(self) -> list[dict[str, Any]]:
+        """Every credit note as the API shows it, in creation order."""
+        with self.lock:
+            return [self._render_invoice(c) for c in self._invoices.values() if c.get("credit_note")]
 
     def invoices(self) -> list[dict[str, Any]]:
         """Every invoice record, in creation order (amounts as Decimal; deleted drafts included)."""
@@ -1283,18 +1735,20 @@ class PennylaneSandbox(SandboxApp):
         with self.lock:
             return [{**self._render_payment(p), "invoice_id": p["invoice_id"]} for p in self._payments.values()]
 
-    def create_payment(self, invoice_id: int, amount: Decimal, *, label: str | None = None,
-                       status: str = "found") -> dict[str, Any]:
-        """Record a payment against a finalized invoice (a bank transaction matched to it)."""
+    def create_payment(self, invoice_id: int, amount: Decimal, *, label: str | None = None, status: str = "found",
+                       day: dt.date | None = None) -> dict[str, Any]:
+        """Record a payment against a finalized invoice (a bank transaction matched to it); ``day`` is when the
+        money was received (its ``created_at``; now by default), the record is made now."""
         with self.lock:
             inv = self._invoices.get(invoice_id)
-            if inv is None or inv["deleted"] or inv["draft"]:
+            if inv is None or inv["deleted"] or inv["draft"] or inv.get("credit_note"):
                 raise KeyError(f"no finalized invoice {invoice_id}")
-            now = self.clock.now()
+            now = self._record_time()
+            received = self._at_noon(day) if day is not None else now
             pid = self._new_id()
             payment = {"id": pid, "invoice_id": invoice_id, "label": label or f"Virement {inv['invoice_number']}",
                        "currency": inv["currency"], "amount": round_money(amount, inv["currency"]),
-                       "status": status, "created_at": now, "updated_at": now}
+                       "status": status, "created_at": received, "updated_at": max(now, received)}
             self._payments[pid] = payment
             if status in ("found", "confirmed", "paid_out", "emitted"):
                 inv["paid_amount"] += payment["amount"]
@@ -1302,22 +1756,274 @@ class PennylaneSandbox(SandboxApp):
             return {**self._render_payment(payment), "invoice_id": invoice_id}
 
     def cancel_invoice(self, invoice_id: int) -> None:
-        """Cancel a finalized invoice, as a credit note covering all of it does."""
+        """Cancel a finalized invoice, as Pennylane does: by a credit note of all of it (the lines negated) that
+        credits it."""
         with self.lock:
             inv = self._invoices.get(invoice_id)
-            if inv is None or inv["deleted"] or inv["draft"]:
+            if inv is None or inv["deleted"] or inv["draft"] or inv.get("credit_note"):
                 raise KeyError(f"no finalized invoice {invoice_id}")
-            inv["cancelled"] = True
-            self._touch(inv)
+            left = inv["total"] - self._credited(inv)
+            if left <= 0:
+                return
+            if left == inv["total"]:
+                lines = [self._negated(line) for line in inv["lines"]]
+            else:
+                lines = self._credit_lines(inv, left)
+            self._new_invoice({"date": self._today().isoformat(), "deadline": self._today().isoformat(),
+                               "customer_id": inv["customer_id"], "currency": inv["currency"], "draft": False,
+                               "credited_invoice_id": inv["id"], "invoice_lines": lines,
+                               "label": f"Avoir sur la facture {inv['invoice_number']}"})
+
+    @staticmethod
+    def _negated(line: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"label": line["label"], "unit": line["unit"], "vat_rate": line["vat_rate"],
+                               "quantity": line["quantity"], "raw_currency_unit_price": _plain(-line["unit_price"])}
+        discount = line.get("discount")
+        if discount and discount["type"] == "relative" and discount["value"]:
+            out["discount"] = {"type": "relative", "value": _plain(discount["value"])}
+        return out
+
+    def _credit_lines(self, inv: Mapping[str, Any], gross: Decimal) -> list[dict[str, Any]]:
+        """Lines of a credit note worth exactly ``gross`` with tax, at the VAT rate of the invoice's first line
+        (an exempt line takes the odd cent when no amount before tax gives ``gross`` at that rate)."""
+        cur = inv["currency"]
+        first = inv["lines"][0]
+        rate = self.tax_rates[first["vat_rate"]]
+        guess = round_money(gross * Decimal(100) / (Decimal(100) + rate), cur)
+        step = Decimal(1).scaleb(-minor_unit(cur))
+        label = f"Avoir – {first['label']}"
+        for net in (guess, guess - step, guess + step):
+            if net > 0 and net + round_money(net * rate / Decimal(100), cur) == gross:
+                return [{"label": label, "unit": first["unit"], "vat_rate": first["vat_rate"], "quantity": 1,
+                         "raw_currency_unit_price": _plain(-net)}]
+        with_tax = guess + round_money(guess * rate / Decimal(100), cur)
+        lines = [{"label": label, "unit": first["unit"], "vat_rate": first["vat_rate"], "quantity": 1,
+                  "raw_currency_unit_price": _plain(-guess)}]
+        if gross != with_tax and "exempt" in self.tax_rates:
+            lines.append({"label": "Arrondi", "unit": first["unit"], "vat_rate": "exempt", "quantity": 1,
+                          "raw_currency_unit_price": _plain(with_tax - gross)})
+        return lines
+
+    def credit_invoice(self, invoice_id: int, gross: Decimal | None = None, day: dt.date | None = None
+                       ) -> dict[str, Any]:
+        """A finalized credit note of ``gross`` (tax included; all of what is left when None) dated ``day``, for
+        the customer and currency of an invoice, which it credits. Returns it as the API shows it."""
+        with self.lock:
+            inv = self._invoices.get(invoice_id)
+            if inv is None or inv["deleted"] or inv["draft"] or inv.get("credit_note"):
+                raise KeyError(f"no finalized invoice {invoice_id}")
+            amount = gross if gross is not None else inv["total"] - self._credited(inv)
+            when = (day or self._today()).isoformat()
+            note = self._new_invoice({"date": when, "deadline": when, "customer_id": inv["customer_id"],
+                                      "currency": inv["currency"], "draft": False, "credited_invoice_id": inv["id"],
+                                      "invoice_lines": self._credit_lines(inv, amount),
+                                      "label": f"Avoir sur la facture {inv['invoice_number']}"})
+            return self._render_invoice(note)
+
+    def add_supplier_invoice(self, account_code: str, day: dt.date, net: Decimal, description: str = "",
+                             currency: str = "EUR", vat_rate: str = "FR_200") -> dict[str, Any]:
+        """A supplier invoice of one line of ``net`` before tax, booked to the expense account numbered
+        ``account_code`` (created when missing), with its ledger entry. Returns it as the API shows it."""
+        with self.lock:
+            supplier = self._history_supplier()
+            record = self._new_supplier_invoice(supplier, day, currency,
+                                                [(description or f"Achat {account_code}", account_code, net,
+                                                  vat_rate)])
+            return self._render_supplier_invoice(record)
+
+    def _history_supplier(self) -> dict[str, Any]:
+        for supplier in self._suppliers.values():
+            if supplier["external_reference"] == "fournisseurs-divers":
+                return supplier
+        return self._new_supplier("Fournisseurs divers", "fournisseurs-divers")
+
+    # == history and settlement ====================================================================
+    def _at_noon(self, day: dt.date) -> float:
+        return dt.datetime(day.year, day.month, day.day, 12, tzinfo=dt.UTC).timestamp()
+
+    def load_history(self, book: Book, history: History) -> dict[str, int]:
+        """Write ``history`` as the company's past: a company customer per company of the history (the name, VAT
+        number, SIREN, e-mail and billing address the sync would send, with no external reference of the sync's,
+        so that the sync matches it), finalized invoices imported with their numbers and dates (lines from the
+        catalogue's products, with the demo configuration's VAT codes), the payments on their days, credit notes
+        that credit their invoices, supplier invoices for the expenses (and ledger entries of the miscellaneous
+        journal for personnel costs, accounts 64x) booked to expense accounts created when missing. Every record
+        is stamped with the day it happened, so the changelogs (4 weeks) show none of the old ones. Records
+        already there (the same company, invoice, credit note or expense) are kept, so loading twice adds
+        nothing. Returns what was added."""
+        from connectors.pennylane.adapter import customer_body
+
+        by_rate = {rate: code for code, rate in self.tax_rates.items()}
+        products = {p["external_reference"]: p for p in self._products.values()}
+        wanted = ({i.company_id for i in history.invoices} | {c.company_id for c in history.credit_notes}
+                  | {p.company_id for p in history.profiles})
+        companies = [c for c in book.companies if c.id in wanted]
+        first: dict[str, dt.date] = {}
+        for hist in history.invoices:
+            first[hist.company_id] = min(first.get(hist.company_id, hist.issue_date), hist.issue_date)
+        counts = {"customers": 0, "invoices": 0, "payments": 0, "credit_notes": 0, "expenses": 0}
+        with self.lock:
+            try:
+                customer_of: dict[str, int] = {}
+                known = {company: cid for cid, company in self._history_customers.items() if cid in self._customers}
+                for company in companies:
+                    if company.id in known:
+                        customer_of[company.id] = known[company.id]
+                        continue
+                    self._backdate = self._at_noon(first.get(company.id, history.today) - dt.timedelta(days=30))
+                    body = customer_body(seedhistory.book_customer(company))
+                    record = self._save_customer(body, "company")
+                    customer_of[company.id] = record["id"]
+                    self._history_customers[record["id"]] = company.id
+                    counts["customers"] += 1
+                self._history_profiles.update({p.company_id: p for p in history.profiles})
+                self._history_names.update({c.name.casefold(): c.id for c in companies})
+                refs = {i["external_reference"]: i["id"] for i in self._invoices.values() if not i["deleted"]}
+                done_expenses = {s["external_reference"] for s in self._supplier_invoices.values()}
+                done_expenses |= {ln["label"].split(" | ")[0] for ln in self._entry_lines.values()}
+                invoice_ids: dict[str, int] = {}
+                events: list[tuple[dt.date, int, str, Any]] = []
+                for hist in history.invoices:
+                    if hist.id in refs:
+                        invoice_ids[hist.id] = refs[hist.id]
+                        continue
+                    events.append((hist.issue_date, 0, "invoice", hist))
+                    events.extend((p.date, 2, "payment", p) for p in hist.payments)
+                events.extend((c.issue_date, 1, "credit", c) for c in history.credit_notes if c.id not in refs)
+                events.extend((e.date, 3, "expense", e) for e in history.expenses if e.id not in done_expenses)
+                events.sort(key=lambda ev: (ev[0], ev[1]))
+                for day, _rank, kind, item in events:
+                    self._backdate = self._at_noon(day)
+                    if kind == "invoice":
+                        record = self._new_invoice(self._history_body(item, customer_of[item.company_id], by_rate,
+                                                                      products), number=item.number)
+                        invoice_ids[item.id] = record["id"]
+                        self._history_keys[record["id"]] = (item.id, history.today)
+                        counts["invoices"] += 1
+                    elif kind == "payment":
+                        target = self._invoices[invoice_ids[item.invoice_id]]
+                        amount = min(item.amount, self._remaining(target))
+                        if amount > 0:
+                            self.create_payment(target["id"], amount, day=day, label=f"Virement {item.id}")
+                            counts["payments"] += 1
+                    elif kind == "credit":
+                        body = self._history_body(item, customer_of[item.company_id], by_rate, products, sign=-1)
+                        target_id = invoice_ids.get(item.invoice_id)
+                        if target_id is not None:
+                            target = self._invoices[target_id]
+                            room = target["total"] - self._credited(target)
+                            if 0 < -self._lines_total(body) <= room:
+                                body["credited_invoice_id"] = target_id
+                        self._new_invoice(body, number=item.number)
+                        counts["credit_notes"] += 1
+                    else:
+                        self._history_expense(item)
+                        counts["expenses"] += 1
+            except _Reject as rejected:
+                raise ValueError(f"the history does not fit this Pennylane company: "
+                                 f"{rejected.response.body.decode(errors='replace')}") from None
+            finally:
+                self._backdate = None
+        return counts
+
+    def _lines_total(self, body: Mapping[str, Any]) -> Decimal:
+        """The total with tax of the lines of an invoice body (as :meth:`_build_line` computes it)."""
+        total = Decimal(0)
+        for line in body["invoice_lines"]:
+            before = round_money(Decimal(line["raw_currency_unit_price"]) * Decimal(str(line["quantity"]))
+                                 * (Decimal(100) - Decimal(line.get("discount", {}).get("value", "0")))
+                                 / Decimal(100), body["currency"])
+            total += before + round_money(before * self.tax_rates[line["vat_rate"]] / Decimal(100), body["currency"])
+        return total
+
+    def _history_body(self, doc: HistoryInvoice | HistoryCreditNote, customer_id: int, by_rate: Mapping[Decimal, str],
+                      products: Mapping[str, Mapping[str, Any]], *, sign: int = 1) -> dict[str, Any]:
+        lines: list[dict[str, Any]] = []
+        for line in doc.lines:
+            code = by_rate.get(Decimal(line.tax_rate))
+            if code is None:
+                raise ValueError(f"{doc.id}: no VAT code for {line.tax_rate} %")
+            body: dict[str, Any] = {"label": line.description, "unit": "piece", "vat_rate": code,
+                                    "quantity": line.quantity,
+                                    "raw_currency_unit_price": _plain(line.unit_price * sign)}
+            product = products.get(line.sku)
+            if product is not None:
+                body["product_id"] = product["id"]
+            if line.discount_percent:
+                body["discount"] = {"type": "relative", "value": _plain(line.discount_percent)}
+            lines.append(body)
+        due = doc.due_date if isinstance(doc, HistoryInvoice) else doc.issue_date
+        return {"date": doc.issue_date.isoformat(), "deadline": due.isoformat(), "customer_id": customer_id,
+                "currency": doc.currency, "draft": False, "external_reference": doc.id, "invoice_lines": lines}
+
+    def _history_expense(self, expense: HistoryExpense) -> None:
+        if expense.account_code.startswith("64"):
+            # Personnel costs: no supplier invoice, an entry of the miscellaneous journal (salaries payable).
+            net = round_money(expense.net * exchange_rate(expense.currency, expense.date), "EUR")
+            label = f"{expense.id} | {expense.description}"
+            self._post_entry("OD", expense.date, self._new_id(), [
+                (self._account_numbered(expense.account_code, expense.description.split(" – ")[0])["id"], net,
+                 Decimal(0), label),
+                (self._account_numbered("421")["id"], Decimal(0), net, label)])
+            return
+        self._new_supplier_invoice(self._history_supplier(), expense.date, expense.currency,
+                                   [(expense.description, expense.account_code, expense.net, "FR_200")],
+                                   external_reference=expense.id)
+
+    def _profile_for(self, customer_id: int) -> Any:
+        """The payer profile of a customer: by the customer written with the history, else by its name."""
+        company = self._history_customers.get(customer_id)
+        if company is None:
+            customer = self._customers.get(customer_id)
+            name = str(customer["name"]).casefold() if customer else ""
+            company = self._history_names.get(name)
+        return self._history_profiles.get(company) if company is not None else None
+
+    def settle(self, today: dt.date) -> int:
+        """Pay the open invoices as their customers would: the payments of
+        :func:`~connectors.seedhistory.payment_plan` dated up to ``today`` not made yet (each planned payment once,
+        at most what the invoice still owes), received on their planned day. The plan of an invoice of the history
+        is drawn for its history id, and only its payments planned after the history's today are made (up to that
+        day the history has said what was paid); the plan of any other invoice is drawn for its id. Returns the
+        number of payments made."""
+        made = 0
+        with self.lock:
+            for inv in sorted(self._invoices.values(), key=lambda r: r["id"]):
+                if inv["deleted"] or inv["draft"] or inv.get("credit_note") or self._remaining(inv) <= 0:
+                    continue
+                issue = dt.date.fromisoformat(inv["date"])
+                if issue > today:
+                    continue
+                key, decided = self._history_keys.get(inv["id"], (str(inv["id"]), None))
+                plan = seedhistory.payment_plan(self._profile_for(inv["customer_id"]), key, issue,
+                                                dt.date.fromisoformat(inv["deadline"]), inv["total"], inv["currency"])
+                done = self._settled.get(inv["id"], 0)
+                for index, (day, amount) in enumerate(plan):
+                    if index < done:
+                        continue
+                    if day > today:
+                        break
+                    pay = min(amount, self._remaining(inv))
+                    if decided is not None and day <= decided:
+                        pay = Decimal(0)  # the history has said what was paid up to its today
+                    if pay > 0:
+                        self.create_payment(inv["id"], pay, day=day)
+                        made += 1
+                    done = index + 1
+                self._settled[inv["id"]] = done
+        return made
 
     def stats(self) -> dict[str, Any]:
         base = super().stats()
         with self.lock:
             base.update(
-                invoices=sum(1 for i in self._invoices.values() if not i["deleted"]),
+                invoices=sum(1 for i in self._invoices.values() if not i["deleted"] and not i.get("credit_note")),
+                credit_notes=sum(1 for i in self._invoices.values() if not i["deleted"] and i.get("credit_note")),
                 customers=len(self._customers),
                 products=len(self._products),
                 payments=len(self._payments),
+                supplier_invoices=len(self._supplier_invoices),
+                ledger_entry_lines=len(self._entry_lines),
                 changes=len(self._changes),
                 **self.counters,
             )

@@ -15,13 +15,20 @@ Pulling changed deals
     A deal is won when its ``status`` is ``won`` (Pipedrive keeps won deals in the
     stage they were won from, so stages say nothing about it).
 
-Won deals are hydrated in bulk, 100 deals a call: their products (``GET /api/v2/deals/products?deal_ids=``),
-organizations and contact persons (``GET .../organizations?ids=``, ``.../persons?ids=``) and the SKU of each
-product (``GET /api/v2/products?ids=``, cached). Pipedrive has no native quotes: a deal's products are its
+Deals are hydrated in bulk, 100 a call: every deal's organization and contact person (``GET
+.../organizations?ids=``, ``.../persons?ids=``: open and lost deals get their customer from the same calls), and
+the won deals' products (``GET /api/v2/deals/products?deal_ids=``) and the SKU of each product (``GET
+/api/v2/products?ids=``, cached). Pipedrive has no native quotes: a deal's products are its
 invoice lines. The VAT number, SIREN, SIRET, billing e-mail and currency are organization custom fields named
 in the settings and resolved to their 40-character keys through ``GET /api/v2/organizationFields`` (likewise
 the acquisition source through ``dealFields``); v2 nests custom field values under ``custom_fields`` and gives
 option fields as option ids, read here as their labels.
+
+A deal's ``probability`` is its own ``probability`` when set, else its stage's ``deal_probability`` (``GET
+/api/v2/stages``, 5 tokens, read once), both in percent, divided by 100; 1 once won, 0 once lost. ``created_at``
+is ``add_time``; the customer's ``created_at`` is the organization's ``add_time`` and its ``acquisition_source``
+the organization field ``customer_acquisition_source_field``. Activity counts come from ``GET
+/api/v2/activities`` (see :meth:`PipedriveSource.activity_counts`).
 
 Lines: ``item_price`` and ``quantity``; ``discount`` is a percentage or, with ``discount_type=amount``, an
 amount off the line; ``tax`` is the VAT percent and ``tax_method`` says whether prices include it (prices are
@@ -278,6 +285,8 @@ class PipedriveSource(CrmSource):
                                       monotonic=monotonic, clock=clock, lock_factory=lock_factory)
         self._fields: dict[str, _FieldIndex] = {}
         self._product_codes: dict[int, str | None] = {}
+        self._stage_percent: dict[int, Decimal | None] | None = None
+        self._unknown_stages: set[int] = set()
         self._warned: set[str] = set()
 
     @classmethod
@@ -367,6 +376,7 @@ class PipedriveSource(CrmSource):
         number = str(address.get("street_number") or "").strip()
         line1 = f"{number} {route}".strip() if route else str(address.get("value") or "").strip() or None
         email = (get["email"] or "").strip() or (person_email if s.email_from_person else None)
+        source = self._value("organization", org, self._read_field("organization", s.customer_acquisition_source_field))
         return Customer(
             crm_id=oid, name=str(org.get("name") or f"Pipedrive organization {oid}"),
             domain=_domain(org.get("website")), email=email or None, vat_number=get["vat"],
@@ -375,6 +385,8 @@ class PipedriveSource(CrmSource):
             address=Address(line1=line1, line2=address.get("subpremise") or None, city=address.get("locality") or None,
                             postal_code=address.get("postal_code") or None,
                             region=address.get("admin_area_level_1") or None, country=country),
+            acquisition_source=source.lower() if source else None,
+            created_at=_parse_time(org.get("add_time")),
             updated_at=_parse_time(org.get("update_time")),
         )
 
@@ -431,7 +443,9 @@ class PipedriveSource(CrmSource):
         return Deal(
             crm_id=deal_id, name=str(d.get("title") or f"Pipedrive deal {deal_id}"), amount=_dec(d.get("value")),
             currency=currency, stage=str(stage) if stage is not None else None,
-            is_won=status == "won" and not deleted, close_date=closed,
+            is_won=status == "won" and not deleted, is_closed=status in ("won", "lost") and not deleted,
+            probability=None if deleted else self._probability(status, d.get("probability"), stage),
+            created_at=_parse_time(d.get("add_time")), close_date=closed,
             owner=str(owner) if owner is not None else None,
             acquisition_source=source.lower() if source else None, customer=customer, line_items=lines,
             lines_source="deal", quote_id=None, updated_at=updated or _EPOCH,
@@ -442,6 +456,34 @@ class PipedriveSource(CrmSource):
     @staticmethod
     def _won(d: Mapping[str, Any]) -> bool:
         return str(d.get("status") or "").lower() == "won" and not d.get("is_deleted")
+
+    @staticmethod
+    def _live(d: Mapping[str, Any]) -> bool:
+        return not d.get("is_deleted") and str(d.get("status") or "").lower() != "deleted"
+
+    def _probability(self, status: str, own: Any, stage: int | None) -> Decimal | None:
+        """The deal's chance of winning on the 0..1 scale: 1 once won, 0 once lost, else the probability set on
+        the deal, else its stage's ``deal_probability`` (both in percent)."""
+        if status == "won":
+            return Decimal(1)
+        if status == "lost":
+            return Decimal(0)
+        percent = _dec(own)
+        if percent is None and stage is not None:
+            percent = self._stage_probability(stage)
+        if percent is None:
+            return None
+        return min(max(percent / 100, Decimal(0)), Decimal(1)).quantize(Decimal("0.0001")).normalize()
+
+    def _stage_probability(self, stage: int) -> Decimal | None:
+        """A stage's ``deal_probability`` from ``GET /api/v2/stages`` (read once; again for a stage not seen yet)."""
+        if self._stage_percent is None or (stage not in self._stage_percent and stage not in self._unknown_stages):
+            self._stage_percent = {sid: _dec(row.get("deal_probability"))
+                                   for page in self.client.pages("/api/v2/stages")
+                                   for row in page if (sid := _int(row.get("id"))) is not None}
+            if stage not in self._stage_percent:
+                self._unknown_stages.add(stage)
+        return self._stage_percent.get(stage)
 
     # -- hydration -------------------------------------------------------------------------------------
     def _by_ids(self, path: str, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -455,10 +497,15 @@ class PipedriveSource(CrmSource):
         return out
 
     def _hydrate(self, deals: Sequence[Mapping[str, Any]]) -> dict[int, _Hydrated]:
-        """Customer and invoice lines of each won deal."""
-        won = [d for d in deals if self._won(d) and _int(d.get("id")) is not None]
-        if not won:
+        """The customer of each deal not deleted, and the invoice lines of the won ones.
+
+        The organizations (and contact persons) of a whole page come in the same ``ids`` calls, so open and lost
+        deals get their customer at no call of their own.
+        """
+        live = [d for d in deals if self._live(d) and _int(d.get("id")) is not None]
+        if not live:
             return {}
+        won = [d for d in live if self._won(d)]
         ids = [_int(d.get("id")) or 0 for d in won]
         lines_of: dict[int, list[dict[str, Any]]] = {}
         for chunk in _chunks(ids, MAX_IDS):
@@ -475,12 +522,12 @@ class PipedriveSource(CrmSource):
             for pid in wanted:
                 code = found.get(pid, {}).get("code")
                 self._product_codes[pid] = (str(code).strip() or None) if code else None
-        org_ids = sorted({oid for d in won if (oid := _int(d.get("org_id"))) is not None})
+        org_ids = sorted({oid for d in live if (oid := _int(d.get("org_id"))) is not None})
         orgs = self._by_ids("/api/v2/organizations", org_ids) if org_ids else {}
         emails: dict[int, str] = {}
         if self.settings.email_from_person:
             email_field = self._read_field("organization", self.settings.email_field)
-            need = sorted({pid for d in won if (pid := _int(d.get("person_id"))) is not None
+            need = sorted({pid for d in live if (pid := _int(d.get("person_id"))) is not None
                            and not self._value("organization", orgs.get(_int(d.get("org_id")) or -1, {}),
                                                email_field)})
             for pid, person in (self._by_ids("/api/v2/persons", need) if need else {}).items():
@@ -489,7 +536,7 @@ class PipedriveSource(CrmSource):
                 if primary is not None:
                     emails[pid] = str(primary["value"]).strip()
         out: dict[int, _Hydrated] = {}
-        for d in won:
+        for d in live:
             did = _int(d.get("id")) or 0
             oid = _int(d.get("org_id"))
             org = orgs.get(oid) if oid is not None else None
@@ -585,6 +632,40 @@ class PipedriveSource(CrmSource):
         rows = [found[i] for i in wanted if i in found]
         hydrated = self._hydrate(rows)
         return [self._deal(r, hydrated.get(_int(r.get("id")) or 0)) for r in rows]
+
+    def activity_counts(self, deal_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Activities linked to each deal, counted by kind through ``activity_types`` (other types not counted).
+
+        ``GET /api/v2/activities`` filters by one deal at a time: up to ``activity_scan_threshold`` deals are read
+        deal by deal (10 tokens each); above it every activity of the company is paged through once, 500 at a
+        time, and counted for the deals asked. Deleted activities are not listed; keys are the ids as asked.
+        """
+        wanted: dict[int, str] = {}
+        for raw in deal_ids:
+            text = str(raw).strip()
+            if text.isdigit():
+                wanted.setdefault(int(text), text)
+        out: dict[str, dict[str, int]] = {}
+        if not wanted:
+            return out
+        kinds = self.settings.activity_types
+
+        def count(rows: list[dict[str, Any]]) -> None:
+            for row in rows:
+                did = _int(row.get("deal_id"))
+                kind = kinds.get(str(row.get("type") or ""))
+                if did in wanted and kind is not None and not row.get("is_deleted"):
+                    counts = out.setdefault(wanted[did], {})
+                    counts[kind] = counts.get(kind, 0) + 1
+
+        if len(wanted) > self.settings.activity_scan_threshold:
+            for page in self.client.pages("/api/v2/activities", {"sort_by": "id"}):
+                count(page)
+        else:
+            for did in wanted:
+                for page in self.client.pages("/api/v2/activities", {"deal_id": did, "sort_by": "id"}):
+                    count(page)
+        return out
 
     # -- writing back ----------------------------------------------------------------------------------
     def _write_field(self, entity: str, name: str) -> dict[str, Any] | None:

@@ -62,9 +62,10 @@ _COLLECTION_WORDS = frozenset({"archived", "products", "search", "installments",
 def token_cost(method: str, path: str) -> int:
     """Tokens an operation costs, per the ``x-token-cost`` of Pipedrive's OpenAPI descriptions.
 
-    API v2: a list or a sub-collection 10, one record 1, a create or an update 5, a delete 3, a search 20,
-    the archived deals list 20, a bulk add of deal products 25. API v1 costs twice the v2 figure (its
-    ``GET /dealFields`` costs 20, ``POST /dealFields`` 10). Paths outside the API (OAuth) cost nothing.
+    API v2: a list or a sub-collection 10 (the stages and pipelines lists 5), one record 1, a create or an update
+    5, a delete 3, a search 20, the archived deals list 20, a bulk add of deal products 25. API v1 costs twice the
+    v2 figure (its ``GET /dealFields`` costs 20, ``POST /dealFields`` 10). Paths outside the API (OAuth) cost
+    nothing.
     """
     segs = [s for s in path.split("?", 1)[0].split("/") if s]
     if segs[:2] == ["api", "v2"]:
@@ -85,6 +86,8 @@ def token_cost(method: str, path: str) -> int:
             cost = 20
         elif len(rest) == 2 and rest[1] not in _COLLECTION_WORDS:
             cost = 1
+        elif len(rest) == 1 and rest[0] in ("stages", "pipelines"):
+            cost = 5
         else:
             cost = 10
     elif m == "DELETE":

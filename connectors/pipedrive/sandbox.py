@@ -9,12 +9,17 @@ What it serves, and how Pipedrive behaves there (from Pipedrive's v1/v2 OpenAPI 
   add_time, ``sort_direction``, ``custom_fields`` (15 keys at most), ``include_option_labels``), ``GET`` and
   ``PATCH /deals/{id}``, ``GET /deals/products?deal_ids=`` (100 deals at most) and ``GET /deals/{id}/products``,
   ``GET /organizations``, ``GET``/``PATCH /organizations/{id}``, ``GET /persons[/{id}]``, ``GET
-  /products[/{id}]``, and ``GET``/``POST /{deal,organization,person,product}Fields`` with ``GET
-  /...Fields/{field_code}``. Lists page with ``limit`` (default 100, at most 500) and an opaque ``cursor``;
+  /products[/{id}]``, ``GET /pipelines[/{id}]`` and ``GET /stages[/{id}]`` (each stage's ``deal_probability``,
+  in percent), ``GET``/``POST /activities`` and ``GET``/``DELETE /activities/{id}`` (filters ``ids``,
+  ``owner_id``, ``deal_id`` (one deal), ``person_id``, ``org_id``, ``lead_id``, ``done``, ``updated_since``,
+  ``updated_until``; ``sort_by`` id, update_time, add_time or due_date; ``include_fields=attendees``), and
+  ``GET``/``POST /{deal,organization,person,product,activity}Fields`` with ``GET /...Fields/{field_code}``.
+  Lists page with ``limit`` (default 100, at most 500) and an opaque ``cursor``;
   answers are ``{success, data, additional_data: {next_cursor}}``, ``next_cursor`` null on the last page.
   Ties in the sort order are broken by id, so cursors are stable keysets.
-- API v1 field listings under ``/v1``: ``GET``/``POST /{deal,organization,person,product}Fields`` with
-  ``start``/``limit`` and ``additional_data.pagination``.
+- API v1 field listings under ``/v1``: ``GET``/``POST /{deal,organization,person,product,activity}Fields`` with
+  ``start``/``limit`` and ``additional_data.pagination``; ``GET /v1/activityTypes`` (call, meeting, task,
+  deadline, email, lunch).
 - Custom fields are keyed by random 40-character hashes; v2 nests their values under ``custom_fields`` (every
   custom field of the entity, null when empty); single-option values are option ids (``{id, label}`` with
   ``include_option_labels=true``); to clear a value, send null (an empty array is refused, as documented).
@@ -39,10 +44,13 @@ with ``Retry-After``. Budget too low for the operation's cost: 429 "Daily API to
 null, additional_data: null}``.
 
 Seeding (:meth:`PipedriveSandbox.load_book`): products (``code`` = SKU, prices in EUR and USD, ``tax``),
-one organization per company with the custom fields ``VAT number``, ``SIREN``, ``SIRET``, ``Billing email``
-and ``Billing currency``, one contact person per company (with the company's e-mail), and the deals (value,
-currency, status, ``won_time``/``lost_time``, a stage in one of two pipelines, owner, ``origin`` and the
-custom option field ``Acquisition source``). Pipedrive has no native quotes, so a deal's products are its
+one organization per company with the custom fields ``VAT number``, ``SIREN``, ``SIRET``, ``Billing email``,
+``Billing currency`` and the option field ``Acquisition source``, one contact person per company (with the
+company's e-mail), the deals (value, currency, status, ``won_time``/``lost_time``, a stage in one of two
+pipelines, owner, ``origin``, the custom option field ``Acquisition source``, and for about a quarter of the
+open deals a ``probability`` of their own, which overrides their stage's), and each deal's sales activities
+(:meth:`connectors.seedbook.Book.activities`, done, of type call, meeting, email or task). Pipedrive has no
+native quotes, so a deal's products are its
 *effective* lines (:func:`connectors.seedbook.effective_lines`): quantity, item price, a percentage discount
 and the tax percent (``tax_method`` exclusive); a line whose description is not the product's name carries it
 in ``comments``.
@@ -62,6 +70,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -76,7 +85,16 @@ from connectors.sandboxkit import (
     SandboxResponse,
     WindowLimit,
 )
-from connectors.seedbook import ACQUISITION_SOURCES, Book, BookDeal, effective_lines
+from connectors.sandboxwebhooks import (
+    WebhookSender,
+    WebhookTarget,
+    basic_authorization,
+    host_of,
+    iso_ms_utc,
+    new_uuid,
+    webhook_admin,
+)
+from connectors.seedbook import ACQUISITION_SOURCES, Book, BookActivity, BookDeal, effective_lines
 
 __all__ = ["COUNTRY_NAMES", "PipedriveSandbox", "iso", "parse_time"]
 
@@ -100,16 +118,21 @@ _CREATABLE_TYPES = frozenset({"varchar", "text", "double", "phone", "date", "dat
                               "enum", "varchar_auto", "address", "monetary", "org", "people", "user"})
 _OPTION_TYPES = frozenset({"enum", "set"})
 _ENTITIES = {"deal": "dealFields", "organization": "organizationFields", "person": "personFields",
-             "product": "productFields"}
+             "product": "productFields", "activity": "activityFields"}
 _STATUSES = ("open", "won", "lost", "deleted")
 
-# (pipeline id, name, stages [(stage id, name)]); the book's open stages map onto the first four, and won or
-# lost deals stay in the stage they were closed from, as in Pipedrive.
+# (pipeline id, name, stages [(stage id, name, deal probability in percent)]); the book's open stages map onto
+# the first four, and won or lost deals stay in the stage they were closed from, as in Pipedrive.
 _PIPELINES = (
-    (1, "Ventes", ((1, "Prospect"), (2, "Qualifié"), (3, "Proposition"), (4, "Négociation"), (5, "Signature"))),
-    (2, "Grands comptes", ((6, "Découverte"), (7, "Cadrage"), (8, "Offre remise"), (9, "Négociation"),
-                           (10, "Contrat"))),
+    (1, "Ventes", ((1, "Prospect", 10), (2, "Qualifié", 25), (3, "Proposition", 50), (4, "Négociation", 75),
+                   (5, "Signature", 90))),
+    (2, "Grands comptes", ((6, "Découverte", 10), (7, "Cadrage", 30), (8, "Offre remise", 50), (9, "Négociation", 70),
+                           (10, "Contrat", 90))),
 )
+# Pipedrive's default activity types: (id, key_string, name).
+_ACTIVITY_TYPES = ((1, "call", "Call"), (2, "meeting", "Meeting"), (3, "task", "Task"), (4, "deadline", "Deadline"),
+                   (5, "email", "Email"), (6, "lunch", "Lunch"))
+_ACTIVITY_SORTS = ("id", "update_time", "add_time", "due_date")
 _STAGE_INDEX = {"prospect": 0, "qualified": 1, "proposal": 2, "negotiation": 3, "won": 4, "lost": 3}
 
 
@@ -118,6 +141,10 @@ def iso(seconds: int | None) -> str | None:
     if seconds is None:
         return None
     return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _utc(seconds: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
 def _v1_time(seconds: int | None) -> str | None:
@@ -232,7 +259,7 @@ class PipedriveSandbox(SandboxApp):
 
     vendor = "pipedrive"
     state_attrs = ("_deals", "_orgs", "_persons", "_products", "_deal_products", "_fields", "_next_ids",
-                   "_book_ids", "_users", "_grants")
+                   "_book_ids", "_users", "_grants", "_activities")
 
     def __init__(
         self,
@@ -262,9 +289,10 @@ class PipedriveSandbox(SandboxApp):
         self._persons: dict[int, dict[str, Any]] = {}
         self._products: dict[int, dict[str, Any]] = {}
         self._deal_products: dict[int, dict[str, Any]] = {}
+        self._activities: dict[int, dict[str, Any]] = {}
         self._fields: dict[str, list[_Field]] = {e: [] for e in _ENTITIES}
         self._next_ids: dict[str, int] = {"deal": 1, "organization": 1, "person": 1, "product": 1,
-                                          "deal_product": 1, "field": 1, "option": 1}
+                                          "deal_product": 1, "field": 1, "option": 1, "activity": 1}
         self._book_ids: dict[str, dict[str, int]] = {"deals": {}, "organizations": {}, "persons": {}}
         self._users: list[dict[str, Any]] = []
         self._grants: dict[str, _Grant] = {}
@@ -303,6 +331,7 @@ class PipedriveSandbox(SandboxApp):
         self._r("GET", f"{v2}/persons/{{id}}", self._h_get_person)
         self._r("GET", f"{v2}/products", self._h_list_products)
         self._r("GET", f"{v2}/products/{{id}}", self._h_get_product)
+        self._install_activity_routes()
         for entity, path in _ENTITIES.items():
             self._r("GET", f"{v2}/{path}", functools.partial(self._h_fields_v2, entity=entity))
             self._r("POST", f"{v2}/{path}", functools.partial(self._h_add_field_v2, entity=entity))
@@ -554,6 +583,10 @@ class PipedriveSandbox(SandboxApp):
                                  ("add_time", "Product created", "date"), ("update_time", "Update time",
                                  "date")):
             add("product", key, name, ftype, at=at)
+        # Added after every other field, so that the keys and ids drawn before stay what they were.
+        add("organization", None, "Acquisition source", "enum", options=list(ACQUISITION_SOURCES), at=at,
+            description="Channel the customer came from")
+        self._install_activity_fields(at)
 
     def _field_by_key(self, entity: str, key: str) -> _Field | None:
         for f in self._fields[entity]:
@@ -963,6 +996,7 @@ class PipedriveSandbox(SandboxApp):
             else:
                 changes[key] = value
         now = math.floor(self.clock.now())
+        before = self._webhook_before(d)
         for key, value in changes.items():
             if key == "custom_fields":
                 d["custom_fields"].update(value)
@@ -979,6 +1013,7 @@ class PipedriveSandbox(SandboxApp):
             else:
                 d[key] = value
         d["update_time"] = now
+        self._webhook_deal_event("change", d, before)
 
     def _h_patch_deal(self, req: SandboxRequest) -> SandboxResponse:
         deal_id = self._id_param(req)
@@ -1131,6 +1166,210 @@ class PipedriveSandbox(SandboxApp):
                 raise _not_found()
             return self._ok(self._product_v2(p))
 
+    # -- pipelines, stages and activities ---------------------------------------------------------------
+    def _install_activity_routes(self) -> None:
+        v2 = "/api/v2"
+        self._r("GET", f"{v2}/pipelines", self._h_list_pipelines)
+        self._r("GET", f"{v2}/pipelines/{{id}}", self._h_get_pipeline)
+        self._r("GET", f"{v2}/stages", self._h_list_stages)
+        self._r("GET", f"{v2}/stages/{{id}}", self._h_get_stage)
+        self._r("GET", f"{v2}/activities", self._h_list_activities)
+        self._r("POST", f"{v2}/activities", self._h_add_activity)
+        self._r("GET", f"{v2}/activities/{{id}}", self._h_get_activity)
+        self._r("DELETE", f"{v2}/activities/{{id}}", self._h_delete_activity)
+        self._r("GET", "/v1/activityTypes", self._h_activity_types)
+
+    def _install_activity_fields(self, at: int) -> None:
+        types = [{"id": tid, "label": name} for tid, _, name in _ACTIVITY_TYPES]
+        for key, name, ftype in (("id", "ID", "int"), ("subject", "Subject", "varchar"), ("type", "Type",
+                                 "varchar_options"), ("owner_id", "Assigned to user", "user"),
+                                 ("due_date", "Due date", "date"), ("due_time", "Due time", "time"),
+                                 ("duration", "Duration", "time"), ("deal_id", "Deal", "deal"),
+                                 ("person_id", "Contact person", "people"), ("org_id", "Organization", "org"),
+                                 ("done", "Done", "boolean"), ("add_time", "Add time", "date"),
+                                 ("update_time", "Update time", "date"), ("marked_as_done_time",
+                                 "Marked as done time", "date"), ("note", "Note", "text")):
+            self._add_field("activity", key, name, ftype, at=at, builtin_options=types if key == "type" else None)
+
+    def _pipelines_v2(self) -> list[dict[str, Any]]:
+        at = _seconds(_COMPANY_EPOCH)
+        return [{"id": pid, "name": name, "order_nr": order, "is_deleted": False, "is_deal_probability_enabled": True,
+                 "add_time": at, "update_time": at} for order, (pid, name, _stages) in enumerate(_PIPELINES, start=1)]
+
+    def _stages_v2(self) -> list[dict[str, Any]]:
+        at = _seconds(_COMPANY_EPOCH)
+        return [{"id": sid, "order_nr": order, "name": name, "is_deleted": False, "deal_probability": probability,
+                 "pipeline_id": pid, "is_deal_rot_enabled": False, "days_to_rotten": None, "add_time": at,
+                 "update_time": at}
+                for pid, _name, stages in _PIPELINES for order, (sid, name, probability) in enumerate(stages, start=1)]
+
+    @staticmethod
+    def _times(row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, "add_time": iso(row["add_time"]), "update_time": iso(row["update_time"])}
+
+    def _h_list_pipelines(self, req: SandboxRequest) -> SandboxResponse:
+        sort_by, direction = self._sorting(req, ("id", "update_time", "add_time"))
+        page, nxt = self._keyset(req, self._pipelines_v2(), sort_by, direction, key_of=lambda r: (r[sort_by], r["id"]))
+        return self._ok([self._times(r) for r in page], {"next_cursor": nxt})
+
+    def _h_get_pipeline(self, req: SandboxRequest) -> SandboxResponse:
+        pipeline_id = self._id_param(req)
+        row = next((r for r in self._pipelines_v2() if r["id"] == pipeline_id), None)
+        if row is None:
+            raise _not_found()
+        return self._ok(self._times(row))
+
+    def _h_list_stages(self, req: SandboxRequest) -> SandboxResponse:
+        sort_by, direction = self._sorting(req, ("id", "update_time", "add_time", "order_nr"))
+        rows = self._stages_v2()
+        if req.arg("pipeline_id"):
+            pipeline_id = self._int_arg(req, "pipeline_id", 0)
+            rows = [r for r in rows if r["pipeline_id"] == pipeline_id]
+        page, nxt = self._keyset(req, rows, sort_by, direction, key_of=lambda r: (r[sort_by], r["id"]))
+        return self._ok([self._times(r) for r in page], {"next_cursor": nxt})
+
+    def _h_get_stage(self, req: SandboxRequest) -> SandboxResponse:
+        stage_id = self._id_param(req)
+        row = next((r for r in self._stages_v2() if r["id"] == stage_id), None)
+        if row is None:
+            raise _not_found()
+        return self._ok(self._times(row))
+
+    def _h_activity_types(self, req: SandboxRequest) -> SandboxResponse:
+        at = _v1_time(_seconds(_COMPANY_EPOCH))
+        return self._ok([{"id": tid, "order_nr": tid, "name": name, "key_string": key, "icon_key": key,
+                          "active_flag": True, "color": None, "is_custom_flag": False, "add_time": at,
+                          "update_time": at} for tid, key, name in _ACTIVITY_TYPES])
+
+    @staticmethod
+    def _activity_v2(a: dict[str, Any], attendees: bool = False) -> dict[str, Any]:
+        out = {
+            "id": a["id"], "subject": a["subject"], "type": a["type"], "owner_id": a["owner_id"],
+            "creator_user_id": a["creator_user_id"], "is_deleted": a["is_deleted"], "add_time": iso(a["add_time"]),
+            "update_time": iso(a["update_time"]), "deal_id": a["deal_id"], "lead_id": None,
+            "person_id": a["person_id"], "org_id": a["org_id"], "project_id": None, "due_date": a["due_date"],
+            "due_time": a["due_time"], "duration": a["duration"], "busy": a["busy"], "done": a["done"],
+            "marked_as_done_time": iso(a.get("marked_as_done_time")), "location": None,
+            "participants": [{"person_id": a["person_id"], "primary": True}] if a["person_id"] else [],
+            "conference_meeting_client": None, "conference_meeting_url": None, "conference_meeting_id": None,
+            "public_description": None, "priority": None, "note": a.get("note"),
+        }
+        if attendees:
+            out["attendees"] = []
+        return out
+
+    def _h_list_activities(self, req: SandboxRequest) -> SandboxResponse:
+        if req.arg("filter_id"):
+            raise _bad("Validation failed: filter_id: no such filter")
+        ids = self._ids_arg(req, "ids")
+        filters = {name: self._int_arg(req, name, 0) for name in ("owner_id", "deal_id", "person_id", "org_id")
+                   if req.arg(name)}
+        done_arg = (req.arg("done") or "").lower()
+        if done_arg not in ("", "true", "false", "1", "0"):
+            raise _bad("Validation failed: done: must be a boolean")
+        done = None if done_arg == "" else done_arg in ("true", "1")
+        include = {f for raw in req.args("include_fields") for f in raw.split(",") if f}
+        if include - {"attendees"}:
+            raise _bad("Validation failed: include_fields: must be one of attendees")
+        lead = req.arg("lead_id")
+        with self.lock:
+            rows = [a for a in self._activities.values() if not a["is_deleted"] and (ids is None or a["id"] in ids)
+                    and all(a[k] == v for k, v in filters.items()) and (done is None or a["done"] == done)
+                    and (not lead or a.get("lead_id") == lead)]
+            return self._list_records(req, rows, _ACTIVITY_SORTS,
+                                      lambda a: self._activity_v2(a, "attendees" in include))
+
+    def _h_get_activity(self, req: SandboxRequest) -> SandboxResponse:
+        activity_id = self._id_param(req)
+        with self.lock:
+            a = self._activities.get(activity_id)
+            if a is None:
+                raise _not_found()
+            return self._ok(self._activity_v2(a))
+
+    def _h_add_activity(self, req: SandboxRequest) -> SandboxResponse:
+        body = self._body(req)
+        if not isinstance(body, dict):
+            raise _bad("Request body must be a JSON object")
+        kind = body.get("type", "task")
+        if kind not in {key for _, key, _ in _ACTIVITY_TYPES}:
+            raise _bad("Validation failed: type: unknown activity type")
+        with self.lock:
+            deal_id = body.get("deal_id")
+            deal = self._deals.get(deal_id) if isinstance(deal_id, int) and not isinstance(deal_id, bool) else None
+            if deal_id is not None and (deal is None or deal["is_deleted"]):
+                raise _bad("Validation failed: deal_id: deal not found")
+            now = math.floor(self.clock.now())
+            owner = body.get("owner_id") or (deal["owner_id"] if deal else (self._users[0]["id"] if self._users else 1))
+            names = {key: name for _, key, name in _ACTIVITY_TYPES}
+            a = self._new_activity(
+                kind=str(kind), subject=str(body.get("subject") or names[kind]), owner_id=owner, deal=deal, at=now,
+                done=body.get("done") is True, due_date=str(body.get("due_date") or _utc(now).date().isoformat()),
+                due_time=str(body.get("due_time") or ""), duration=str(body.get("duration") or ""),
+                note=body.get("note"))
+            return self._ok(self._activity_v2(a))
+
+    def _h_delete_activity(self, req: SandboxRequest) -> SandboxResponse:
+        activity_id = self._id_param(req)
+        with self.lock:
+            a = self._activities.get(activity_id)
+            if a is None or a["is_deleted"]:
+                raise _not_found()
+            a["is_deleted"] = True
+            a["update_time"] = math.floor(self.clock.now())
+            return self._ok({"id": activity_id})
+
+    def _new_activity(self, *, kind: str, subject: str, owner_id: int, deal: dict[str, Any] | None, at: int,
+                      done: bool, due_date: str, due_time: str = "", duration: str = "",
+                      note: str | None = None) -> dict[str, Any]:
+        aid = self._new_id("activity")
+        a = self._activities[aid] = {
+            "id": aid, "subject": subject, "type": kind, "owner_id": owner_id, "creator_user_id": owner_id,
+            "is_deleted": False, "add_time": at, "update_time": at, "deal_id": deal["id"] if deal else None,
+            "person_id": deal["person_id"] if deal else None, "org_id": deal["org_id"] if deal else None,
+            "due_date": due_date, "due_time": due_time, "duration": duration, "busy": kind == "meeting",
+            "done": done, "marked_as_done_time": at if done else None, "note": note,
+        }
+        return a
+
+    def _seed_activities(self, book: Book) -> None:
+        """Every deal's sales activities (:meth:`Book.activities`) on the deal, its person and organization, done.
+
+        Created after every other record of the book, so that seeding them moves no other record's id.
+        """
+        deal_ids = self._book_ids["deals"]
+        for d in book.deals:
+            deal = self._deals[deal_ids[d.id]]
+            for activity in book.activities(d):
+                self._seed_activity(deal, activity)
+
+    def _seed_activity(self, deal: dict[str, Any], activity: BookActivity) -> None:
+        at = _seconds(activity.at)
+        minutes = activity.duration_minutes
+        self._new_activity(kind=activity.kind, subject=activity.subject, owner_id=deal["owner_id"], deal=deal, at=at,
+                           done=True, due_date=_utc(at).date().isoformat(), due_time=_utc(at).strftime("%H:%M:%S"),
+                           duration=f"{minutes // 60:02d}:{minutes % 60:02d}:00" if minutes else "")
+
+    def activity_counts_of(self, deal_id: int) -> dict[str, int]:
+        """The live activities of one deal, counted by type (call, meeting, email, task; zeros left out)."""
+        with self.lock:
+            return self._activity_counts().get(deal_id, {})
+
+    def _activity_counts(self) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for a in self._activities.values():
+            if a["is_deleted"] or a["deal_id"] is None:
+                continue
+            counts = out.setdefault(a["deal_id"], {})
+            counts[a["type"]] = counts.get(a["type"], 0) + 1
+        return out
+
+    def activities_of(self, deal_id: int) -> list[dict[str, Any]]:
+        """The v2 rendering of every live activity of one deal."""
+        with self.lock:
+            return [self._activity_v2(a) for a in self._activities.values()
+                    if a["deal_id"] == deal_id and not a["is_deleted"]]
+
     # -- sandbox administration ------------------------------------------------------------------------
     def admin(self, req: SandboxRequest) -> SandboxResponse:
         """Sandbox-only endpoints for tests in other processes.
@@ -1141,6 +1380,8 @@ class PipedriveSandbox(SandboxApp):
         token for the OAuth client; ``GET /_sandbox/stats``.
         """
         path = req.path.rstrip("/")
+        if path.startswith("/_sandbox/webhooks"):
+            return self._webhook_admin(req)
         if req.method == "GET" and path == "/_sandbox/deals":
             return self._json(200, self.deals_snapshot())
         m = re.fullmatch(r"/_sandbox/deals/(\d+)", path)
@@ -1161,6 +1402,17 @@ class PipedriveSandbox(SandboxApp):
                 return self._json(400, {"message": str(exc)})
         return super().admin(req)
 
+    def load(self, path: Path) -> bool:
+        with self.lock:
+            fields, next_ids = self._fields, self._next_ids
+            loaded = super().load(path)
+            # State saved before a kind of record existed here (activities): it starts empty.
+            for entity, rows in fields.items():
+                self._fields.setdefault(entity, rows)
+            for kind, n in next_ids.items():
+                self._next_ids.setdefault(kind, n)
+            return loaded
+
     def stats(self) -> dict[str, Any]:
         out = super().stats()
         with self.lock:
@@ -1168,6 +1420,7 @@ class PipedriveSandbox(SandboxApp):
                 "deals": sum(1 for d in self._deals.values() if not d["is_deleted"]),
                 "organizations": len(self._orgs), "persons": len(self._persons),
                 "products": len(self._products), "deal_products": len(self._deal_products),
+                "activities": sum(1 for a in self._activities.values() if not a["is_deleted"]),
             }
         out["rate_limited"] = self.served_429
         out["quota_refused"] = self.quota_refused
@@ -1207,6 +1460,8 @@ class PipedriveSandbox(SandboxApp):
                 products[p.sku] = pid
             names = {p.sku: p.name for p in book.products}
             keys = {f.name: f.key for f in self._fields["organization"] if f.custom}
+            org_source = next(f for f in self._fields["organization"] if f.custom and f.name == "Acquisition source")
+            org_source_ids = {o["label"]: o["id"] for o in org_source.options or []}
             first_deal: dict[str, int] = {}
             for d in book.deals:
                 first_deal[d.company_id] = min(first_deal.get(d.company_id, _seconds(d.created_at)),
@@ -1221,7 +1476,8 @@ class PipedriveSandbox(SandboxApp):
                     number, route = "", c.address
                 country = COUNTRY_NAMES.get(c.country, c.country)
                 custom = {keys["VAT number"]: c.vat_number, keys["SIREN"]: c.siren, keys["SIRET"]: c.siret,
-                          keys["Billing email"]: c.email, keys["Billing currency"]: c.currency}
+                          keys["Billing email"]: c.email, keys["Billing currency"]: c.currency,
+                          org_source.key: org_source_ids.get(c.acquisition_source)}
                 self._orgs[oid] = {
                     "id": oid, "name": c.name, "owner_id": admin, "add_time": created,
                     "update_time": created + rng.randint(1, 60) * 86_400, "is_deleted": False,
@@ -1249,6 +1505,7 @@ class PipedriveSandbox(SandboxApp):
             source_ids = {o["label"]: o["id"] for o in source_key.options or []}
             for d in book.deals:
                 self._insert_deal(d, rng, users, orgs, persons, products, names, source_key.key, source_ids)
+            self._seed_activities(book)
 
     def _insert_deal(self, d: BookDeal, rng: random.Random, users: Mapping[str, int], orgs: Mapping[str, int],
                      persons: Mapping[str, int], products: Mapping[str, int], names: Mapping[str, str],
@@ -1272,7 +1529,7 @@ class PipedriveSandbox(SandboxApp):
             "expected_close_date": d.close_date.isoformat() if status == "open" and d.close_date else None,
             "add_time": created, "update_time": updated, "stage_change_time": stage_at,
             "is_archived": False, "archive_time": None, "is_deleted": False, "deleted_time": None,
-            "probability": None, "visible_to": 3, "label_ids": [],
+            "probability": self._deal_probability(d), "visible_to": 3, "label_ids": [],
             "origin": "Import" if rng.random() < 0.2 else "ManuallyCreated", "origin_id": None,
             "channel": None, "channel_id": None,
             "custom_fields": {source_key: source_ids.get(d.acquisition_source)},
@@ -1292,6 +1549,14 @@ class PipedriveSandbox(SandboxApp):
                 "sum": round_money(gross * (Decimal(100) - ln.discount_percent) / Decimal(100), d.currency),
                 "add_time": created, "update_time": created,
             }
+
+    def _deal_probability(self, d: BookDeal) -> Decimal | None:
+        """A probability set on the deal itself (percent), for about a quarter of the open deals; None otherwise,
+        when the stage's applies. Drawn from a stream of its own per deal, leaving every other draw as it was."""
+        if d.is_closed:
+            return None
+        rng = random.Random(f"pipedrive-probability-{self.seed}-{d.id}")
+        return Decimal(rng.choice((15, 35, 60, 85))) if rng.random() < 0.25 else None
 
     # -- inspection and user actions for tests ----------------------------------------------------------
     def deal_ids_by_book_id(self) -> dict[str, int]:
@@ -1324,11 +1589,13 @@ class PipedriveSandbox(SandboxApp):
     def deals_snapshot(self) -> list[dict[str, Any]]:
         """Every deal not deleted, in the HubSpot sandbox's ``/_sandbox/deals`` shape (amounts as strings)."""
         with self.lock:
+            activities = self._activity_counts()
             return [{
                 "id": str(d["id"]), "book_id": d.get("book_id"), "name": d["title"], "won": d["status"] == "won",
                 "closed": d["status"] in ("won", "lost"), "stage": str(d["stage_id"]),
                 "pipeline": str(d["pipeline_id"]), "amount": format(d["value"], "f"), "currency": d["currency"],
-                "updated_at": iso(d["update_time"]), "archived": d["is_archived"],
+                "created_at": iso(d["add_time"]), "updated_at": iso(d["update_time"]), "archived": d["is_archived"],
+                "activities": activities.get(d["id"], {}),
             } for d in sorted(self._deals.values(), key=lambda d: d["id"]) if not d["is_deleted"]]
 
     def modify_deal(self, deal_id: int, **fields: Any) -> dict[str, Any]:
@@ -1370,9 +1637,11 @@ class PipedriveSandbox(SandboxApp):
         with self.lock:
             d = self._deals[deal_id]
             now = math.floor(self.clock.now())
+            before = self._webhook_before(d)
             d["is_deleted"] = True
             d["deleted_time"] = now
             d["update_time"] = now
+            self._webhook_deal_event("delete", d, before)
 
     def fields_of(self, entity: str) -> list[dict[str, Any]]:
         """The v2 rendering of every field of ``entity`` (deal, organization, person, product)."""
@@ -1385,3 +1654,79 @@ class PipedriveSandbox(SandboxApp):
             token = f"sandbox-{self._token_rng.getrandbits(64):016x}"
         self.api_tokens = (*self.api_tokens, token)
         return token
+
+    # == webhooks (sending) ===========================================================================
+    # Pipedrive's webhooks v2 for deals: one request per event, ``{"meta": {...}, "data": ..., "previous": ...}``
+    # with ``meta.action`` change or delete, ``meta.id`` a fresh uuid per event, ``meta.attempt`` counting
+    # from 1; ``previous`` holds the old values of the fields that changed (the whole deal for a delete, whose
+    # ``data`` is null). Pipedrive signs nothing: the request carries the HTTP Basic credentials set on the
+    # webhook (``http_auth_user``/``http_auth_password``). Off until POST /_sandbox/webhooks {"url",
+    # "http_auth_user"?, "http_auth_password"?, "deliveries"?, ...} (see connectors.sandboxwebhooks). Not
+    # persisted: save() writes no registration and load() keeps the one in force. This sandbox has no deal
+    # creation endpoint, so it sends no create events.
+
+    _webhook_sender: WebhookSender | None = None
+    _webhook_hook: dict[str, Any] | None = None
+
+    def _webhook_admin(self, req: SandboxRequest) -> SandboxResponse:
+        resp, self._webhook_sender = webhook_admin(req, self._webhook_sender, self._webhook_start)
+        return resp
+
+    def _webhook_start(self, body: Any) -> tuple[WebhookSender, dict[str, Any]]:
+        user, password = body.get("http_auth_user"), body.get("http_auth_password")
+        if (user is None) != (password is None) or any(v is not None and not isinstance(v, str)
+                                                       for v in (user, password)):
+            raise ValueError("give both 'http_auth_user' and 'http_auth_password' (strings), or neither")
+        target = WebhookTarget.from_body({"batch_size": 1, **body}, batch_size=1)
+        webhook_id = random.SystemRandom().randrange(100_000, 10_000_000)
+        auth = basic_authorization(user, password) if user is not None and password is not None else None
+
+        def build(events: list[dict[str, Any]], attempt: int) -> tuple[bytes, dict[str, str]]:
+            event = events[0]
+            payload = dumps({**event, "meta": {**event["meta"], "attempt": attempt + 1}}).encode()
+            headers = {"Content-Type": "application/json", "User-Agent": "Pipedrive Webhooks"}
+            if auth is not None:
+                headers["Authorization"] = auth
+            return payload, headers
+
+        with self.lock:
+            self._webhook_hook = {"webhook_id": webhook_id}
+        return WebhookSender(target, build, name="pipedrive-webhooks"), {"webhook_id": webhook_id}
+
+    def _webhook_before(self, d: dict[str, Any]) -> dict[str, Any] | None:
+        """The deal as rendered before a change, when webhooks are on (None otherwise: nothing to compare)."""
+        return self._deal_v2(d) if self._webhook_sender is not None else None
+
+    def _webhook_deal_event(self, action: str, d: dict[str, Any], before: dict[str, Any] | None) -> None:
+        sender = self._webhook_sender
+        if sender is None or before is None:
+            return
+        data: dict[str, Any] | None = None
+        if action == "delete":
+            previous: dict[str, Any] = before
+        else:
+            data = self._deal_v2(d)
+            previous = {k: before.get(k) for k, v in data.items()
+                        if k not in ("update_time", "custom_fields") and before.get(k) != v}
+            old_custom, new_custom = before.get("custom_fields") or {}, data.get("custom_fields") or {}
+            changed = {k: old_custom.get(k) for k, v in new_custom.items() if old_custom.get(k) != v}
+            if changed:
+                previous["custom_fields"] = changed
+            if not previous:
+                return  # an edit that changed nothing sends nothing
+        now = self.clock.now()
+        owner = str(d.get("owner_id"))
+        meta = {
+            "action": action, "entity": "deal", "company_id": str(13_000_000 + self.seed % 1_000_000),
+            "correlation_id": new_uuid(), "entity_id": str(d["id"]), "id": new_uuid(),
+            "is_bulk_edit": False, "timestamp": iso_ms_utc(now),
+            "type": "general", "user_id": owner, "version": "2.0",
+            "webhook_id": str((self._webhook_hook or {}).get("webhook_id")), "webhook_owner_id": owner,
+            "change_source": "app", "attempt": 1, "host": host_of(self.company_domain or self.base_url),
+            "permitted_user_ids": [owner],
+        }
+        sender.emit([{"meta": meta, "data": data, "previous": previous}])
+
+    def webhook_sender(self) -> WebhookSender | None:
+        """The sender in force (None while sending is off)."""
+        return self._webhook_sender

@@ -14,6 +14,13 @@ PIPEDRIVE_API = "https://api.pipedrive.com"
 PIPEDRIVE_TOKEN_URL = "https://oauth.pipedrive.com/oauth/token"
 
 
+ActivityKind = Literal["call", "meeting", "email", "task"]
+
+
+def _default_activity_types() -> dict[str, ActivityKind]:
+    return {"call": "call", "meeting": "meeting", "email": "email", "task": "task"}
+
+
 class PipedriveSettings(ConnectorSettings):
     """A Pipedrive company reached with a personal API token or an OAuth2 app.
 
@@ -58,6 +65,17 @@ class PipedriveSettings(ConnectorSettings):
         default="Acquisition source",
         description="Deal field (label or key) holding the acquisition channel; a built-in such as 'origin' or "
                     "'channel' works too. Option fields are read as their label, lower-cased")
+    customer_acquisition_source_field: str | None = Field(
+        default="Acquisition source",
+        description="Organization field (label or key) holding the channel that acquired the customer; option "
+                    "fields are read as their label, lower-cased")
+    activity_types: dict[str, ActivityKind] = Field(
+        default_factory=_default_activity_types,
+        description="Activity type (its key_string, e.g. call, lunch) -> the kind it counts as in activity counts; "
+                    "types not listed are not counted")
+    activity_scan_threshold: int = Field(
+        default=25, ge=0, description="Above this many deals, activity counts page through every activity of the "
+        "company (10 tokens per 500) instead of one list call per deal (10 tokens each)")
     email_from_person: bool = Field(default=True, description="Use the deal's contact person's primary e-mail "
                                     "when the organization has no billing e-mail")
     field_keys: dict[str, str] = Field(
@@ -81,6 +99,11 @@ class PipedriveSettings(ConnectorSettings):
     time_scale: float = Field(default=1.0, gt=0, description="Divides the rate windows; only for sandboxes running "
                               "a compressed clock")
     max_attempts: int = Field(default=8, ge=1, le=20, description="Attempts per call on transient failures")
+    webhook_user: SecretStr | None = Field(
+        default=None, description="HTTP Basic user name set on the Pipedrive webhook (http_auth_user); "
+        "webhooks to /webhooks/<pipeline>/pipedrive are refused while it or webhook_password is unset")
+    webhook_password: SecretStr | None = Field(
+        default=None, description="HTTP Basic password set on the Pipedrive webhook (http_auth_password)")
 
     @field_validator("base_url", "token_url")
     @classmethod
@@ -97,6 +120,13 @@ class PipedriveSettings(ConnectorSettings):
                 raise ValueError("api_token (or an OAuth client: client_id, client_secret) is required")
             if not self.client_id or self.client_secret is None:
                 raise ValueError("OAuth needs both client_id and client_secret")
+        return self
+
+    @model_validator(mode="after")
+    def _webhook_pair(self) -> PipedriveSettings:
+        if (self.webhook_user is None) != (self.webhook_password is None):
+            raise ValueError("set both webhook_user and webhook_password (the webhook's HTTP Basic credentials), "
+                             "or neither")
         return self
 
     @property

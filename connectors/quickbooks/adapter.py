@@ -1,4 +1,5 @@
-"""QuickBooks Online as a LedgerBridge ledger: customers, sales invoices and the payments applied to them.
+"""QuickBooks Online as a LedgerBridge ledger: customers, sales invoices, the payments and credit memos applied to
+them, and expense lines.
 
 Where LedgerBridge keeps its keys in QuickBooks, and why:
 
@@ -23,6 +24,13 @@ Where LedgerBridge keeps its keys in QuickBooks, and why:
   derived from the batch key and the number. A write whose answer was lost is resent with the same id and
   QuickBooks answers with what it did the first time.
 
+Ledger facts for the metrics: a credit memo is applied to an invoice by a payment whose lines link both (the
+"payment" of no money QuickBooks records when credit is used), so :meth:`QuickBooksLedger.list_payments` reports
+only the cash a payment applies and :meth:`QuickBooksLedger.list_credit_notes` the credit memos with the
+allocations their payments make; :meth:`QuickBooksLedger.list_expenses` reads the ``AccountBasedExpenseLineDetail``
+lines of expenses (``Purchase``) and bills (``Bill``) by the accounts' ``AcctNum``; ``ExchangeRate`` is read as
+QuickBooks records it, home-currency units per foreign unit.
+
 Invoices are created one ``POST /invoice`` each (``/batch`` allows 30 items but only 40 calls a minute, and
 its single ``requestid`` would tie the replay of every invoice to the composition of the batch), up to
 ``write_workers`` at a time under the company's 500-a-minute budget. Only :mod:`connectors.errors`
@@ -36,6 +44,7 @@ import datetime as dt
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, InvalidOperation
@@ -46,7 +55,7 @@ import structlog
 from pydantic import ValidationError
 
 from config.schema import ConnectorSettings
-from connectors.domain import Customer, Invoice, InvoiceLine, Payment
+from connectors.domain import CreditAllocation, CreditNote, Customer, ExpenseLine, Invoice, InvoiceLine, Payment
 from connectors.errors import AmbiguousWriteError, ConfigError, ConnectorError, RecordError, VendorError
 from connectors.interfaces import ApiStats, CreateOutcome, InvoiceRequest, Ledger, LedgerCustomer, TokenStore
 from connectors.oauth import LockFactory
@@ -62,7 +71,7 @@ _CREATABLE = {"draft", "submitted", "authorised"}
 _GONE = {"deleted", "voided"}
 _LOOKUP_CHUNK = 50
 _NAMESPACE = uuid.UUID("0f6f3c55-8e0e-4b3e-9d0c-2a6a1f7b4c11")
-_DISPLAY_NAME_MAX = 100
+_DISPLAY_NAME_MAX = wire.DISPLAY_NAME_MAX
 
 
 def _shape_error(what: str) -> VendorError:
@@ -89,6 +98,62 @@ def _ref_name(value: Any) -> str | None:
     if isinstance(value, Mapping) and value.get("name"):
         return str(value["name"])
     return None
+
+
+def _rate(value: Any) -> Decimal | None:
+    """An ``ExchangeRate`` (home-currency units per foreign unit); None when absent or not positive."""
+    rate = _dec(value)
+    return rate if rate is not None and rate > 0 else None
+
+
+def _applications(payment: Mapping[str, Any]) -> tuple[list[tuple[str, Decimal]], list[tuple[str, Decimal]]]:
+    """What a QuickBooks payment applies: (invoice id, amount) and (credit memo id, amount), in line order.
+
+    Applying a credit memo to an invoice is a payment whose lines link the invoice (the amount it settles)
+    and the credit memo (the amount of credit used); its ``TotalAmt`` is the cash only, 0 when the credit
+    covers everything.
+    """
+    invoices: list[tuple[str, Decimal]] = []
+    credits: list[tuple[str, Decimal]] = []
+    for line in payment.get("Line") or []:
+        amount = _dec(line.get("Amount")) if isinstance(line, Mapping) else None
+        if amount is None:
+            continue
+        for link in line.get("LinkedTxn") or []:
+            if not isinstance(link, Mapping) or not link.get("TxnId"):
+                continue
+            if link.get("TxnType") == "Invoice":
+                invoices.append((str(link["TxnId"]), abs(amount)))
+            elif link.get("TxnType") == "CreditMemo":
+                credits.append((str(link["TxnId"]), abs(amount)))
+    return invoices, credits
+
+
+def _credit_pairs(invoices: Sequence[tuple[str, Decimal]], credits: Sequence[tuple[str, Decimal]]
+                  ) -> list[tuple[int, str, Decimal]]:
+    """(index of the invoice application, credit memo id, amount): the credit of one payment spread over its
+    invoices in line order. QuickBooks records which credit memos and which invoices a payment touches but not
+    which credit went to which invoice; with one of either (the usual case) the pairing is exact."""
+    pairs: list[tuple[int, str, Decimal]] = []
+    memos = [memo for memo, _amount in credits]
+    left = [amount for _memo, amount in credits]
+    k = 0
+    for i, (_invoice, applied) in enumerate(invoices):
+        need = applied
+        while need > 0 and k < len(left):
+            take = min(need, left[k])
+            if take > 0:
+                pairs.append((i, memos[k], take))
+                need -= take
+                left[k] -= take
+            if left[k] <= 0:
+                k += 1
+    return pairs
+
+
+def _num(value: Any) -> int:
+    text = str(value or "")
+    return int(text) if text.isdigit() else 0
 
 
 def _date(value: Any) -> dt.date | None:
@@ -197,33 +262,11 @@ class QuickBooksLedger(Ledger):
 
     @staticmethod
     def _display_name(text: str) -> str:
-        # A colon separates levels of the fully qualified name (Parent:Job), so it is kept out of names.
-        return " ".join(text.replace(":", " -").split())[:_DISPLAY_NAME_MAX].strip()
+        return wire.display_name(text)
 
     @staticmethod
     def _customer_body(number: str, customer: Customer, name: str) -> dict[str, Any]:
-        notes = [f"{wire.NUMBER_TAG}{number}"]
-        if customer.siret:
-            notes.append(f"SIRET: {customer.siret}")
-        elif customer.siren:
-            notes.append(f"SIREN: {customer.siren}")
-        body: dict[str, Any] = {"DisplayName": name, "CompanyName": customer.name.strip()[:100] or name,
-                                "Notes": "\n".join(notes)}
-        if customer.email:
-            body["PrimaryEmailAddr"] = {"Address": customer.email}
-        if customer.domain:
-            body["WebAddr"] = {"URI": f"https://{customer.domain}"}
-        if customer.vat_number:
-            body["PrimaryTaxIdentifier"] = customer.vat_number[:20]
-        if customer.currency:
-            body["CurrencyRef"] = {"value": customer.currency}
-        address = customer.address
-        fields = {"Line1": address.line1, "Line2": address.line2, "City": address.city,
-                  "PostalCode": address.postal_code, "CountrySubDivisionCode": address.region,
-                  "Country": address.country or customer.country}
-        if any(fields.values()):
-            body["BillAddr"] = {k: v for k, v in fields.items() if v}
-        return body
+        return wire.customer_body(customer, name, number)
 
     def _own_customer_named(self, name: str, number: str) -> LedgerCustomer | None:
         """The customer holding ``name`` when it carries ``number`` (created by an earlier, unanswered call)."""
@@ -393,6 +436,7 @@ class QuickBooksLedger(Ledger):
                 amount_due=balance,
                 updated_at=updated,
                 ledger_total=total,
+                exchange_rate=_rate(data.get("ExchangeRate")),
             )
         except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
             raise _shape_error("invoice") from None
@@ -558,11 +602,14 @@ class QuickBooksLedger(Ledger):
 
     # == payments ==================================================================================
     def list_payments(self, modified_since: dt.datetime | None = None) -> Iterator[Payment]:
+        """The money received: one Payment per invoice a QuickBooks payment applies cash to. The part of a payment
+        that applies a credit memo is not money received (it is in :meth:`list_credit_notes`); a payment that only
+        applies credit yields nothing."""
         for record in self._changed("Payment", modified_since):
             yield from self._payments(record)
 
     def _payments(self, data: Mapping[str, Any]) -> list[Payment]:
-        """One Payment per invoice the QuickBooks payment is applied to (deleted payments are skipped)."""
+        """The cash part of a QuickBooks payment, per invoice (deleted payments are skipped)."""
         if data.get("status") == "Deleted":
             return []
         try:
@@ -571,16 +618,158 @@ class QuickBooksLedger(Ledger):
                 raise _shape_error("payment date")
             currency = _ref(data.get("CurrencyRef")) or self.home_currency()
             updated = wire.parse_datetime((data.get("MetaData") or {}).get("LastUpdatedTime"))
-            applied: list[tuple[str, Decimal]] = []
-            for line in data.get("Line") or []:
-                amount = _dec(line.get("Amount"))
-                for link in line.get("LinkedTxn") or []:
-                    if link.get("TxnType") == "Invoice" and link.get("TxnId") and amount is not None:
-                        applied.append((str(link["TxnId"]), amount))
+            invoices, credits = _applications(data)
+            credited = [Decimal(0)] * len(invoices)
+            for i, _memo, amount in _credit_pairs(invoices, credits):
+                credited[i] += amount
+            cash: dict[str, Decimal] = {}
+            for (invoice_id, applied), credit in zip(invoices, credited, strict=True):
+                if applied - credit > 0:
+                    cash[invoice_id] = cash.get(invoice_id, Decimal(0)) + applied - credit
             payment_id = str(data["Id"])
-            return [Payment(ledger_id=payment_id if len(applied) == 1 else f"{payment_id}:{invoice_id}",
+            return [Payment(ledger_id=payment_id if len(cash) == 1 else f"{payment_id}:{invoice_id}",
                             invoice_ledger_id=invoice_id, amount=amount, currency=currency, date=day,
                             status="authorised", updated_at=updated)
-                    for invoice_id, amount in applied]
+                    for invoice_id, amount in cash.items()]
         except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
             raise _shape_error("payment") from None
+
+    # == credit notes ==============================================================================
+    def list_credit_notes(self, modified_since: dt.datetime | None = None) -> Iterator[CreditNote]:
+        """Credit memos changed since ``modified_since``, and those a changed payment applies, each with every
+        allocation its payments make (read from the payments the memo links and the payments that changed)."""
+        memos = {str(r["Id"]): r for r in self._changed("CreditMemo", modified_since) if r.get("Id") is not None}
+        payments = {str(r["Id"]): r for r in self._changed("Payment", modified_since)
+                    if r.get("Id") is not None and r.get("status") != "Deleted"}
+        named = {memo for p in payments.values() for memo, _amount in _applications(p)[1]}
+        for record in self._by_ids("CreditMemo", sorted(named - memos.keys())):
+            memos[str(record["Id"])] = record
+        linked = {str(link["TxnId"]) for memo in memos.values() for link in memo.get("LinkedTxn") or []
+                  if isinstance(link, Mapping) and link.get("TxnType") == "Payment" and link.get("TxnId")}
+        for record in self._by_ids("Payment", sorted(linked - payments.keys())):
+            payments[str(record["Id"])] = record
+        allocations: dict[str, list[CreditAllocation]] = defaultdict(list)
+        for payment in sorted(payments.values(), key=lambda p: (str(p.get("TxnDate") or ""), _num(p.get("Id")))):
+            day = _date(payment.get("TxnDate"))
+            if day is None:
+                raise _shape_error("payment date")
+            invoices, credits = _applications(payment)
+            for i, memo, amount in _credit_pairs(invoices, credits):
+                allocations[memo].append(CreditAllocation(invoice_ledger_id=invoices[i][0], amount=amount, date=day))
+        ordered = sorted(memos.values(), key=lambda r: (
+            wire.parse_datetime((r.get("MetaData") or {}).get("LastUpdatedTime")) or dt.datetime.min.replace(
+                tzinfo=dt.UTC), _num(r.get("Id"))))
+        for record in ordered:
+            yield self._credit_note(record, allocations.get(str(record["Id"]), []))
+
+    def _by_ids(self, entity: str, ids: Sequence[str]) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            chunk = ids[start : start + _LOOKUP_CHUNK]
+            where = f"Id IN ({', '.join(wire.quote(i) for i in chunk)})"
+            for page in self.client.query_pages(entity, where):
+                yield from page
+
+    def _credit_note(self, data: Mapping[str, Any], allocations: list[CreditAllocation]) -> CreditNote:
+        try:
+            updated = wire.parse_datetime((data.get("MetaData") or {}).get("LastUpdatedTime"))
+            if data.get("status") == "Deleted":
+                day = updated.date() if updated else dt.date(1970, 1, 1)
+                return CreditNote(ledger_id=str(data["Id"]), currency=self.home_currency(), issue_date=day,
+                                  status="deleted", subtotal=Decimal(0), total=Decimal(0), updated_at=updated)
+            issue = _date(data.get("TxnDate")) or (updated.date() if updated else None)
+            if issue is None:
+                raise _shape_error("credit memo date")
+            total = _dec(data.get("TotalAmt")) or Decimal(0)
+            tax = _dec((data.get("TxnTaxDetail") or {}).get("TotalTax")) or Decimal(0)
+            remaining = _dec(data.get("RemainingCredit"))
+            if remaining is None:
+                remaining = _dec(data.get("Balance"))
+            if remaining is None:
+                remaining = total - sum((a.amount for a in allocations), Decimal(0))
+            note = data.get("PrivateNote")
+            voided = isinstance(note, str) and note.strip().lower().startswith("voided") and total == 0
+            status = "voided" if voided else "paid" if (remaining == 0 and total > 0) else "authorised"
+            return CreditNote(
+                ledger_id=str(data["Id"]),
+                number=str(data["DocNumber"]) if data.get("DocNumber") else None,
+                customer_ledger_id=_ref(data.get("CustomerRef")),
+                currency=_ref(data.get("CurrencyRef")) or self.home_currency(),
+                issue_date=issue,
+                status=status,
+                subtotal=total - tax,
+                total=total,
+                remaining=remaining,
+                credited_invoice_ledger_id=_ref(data.get("InvoiceRef")),
+                allocations=[] if voided else allocations,
+                exchange_rate=_rate(data.get("ExchangeRate")),
+                updated_at=updated,
+            )
+        except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
+            raise _shape_error("credit memo") from None
+
+    # == expenses ==================================================================================
+    def list_expenses(self, account_codes: Sequence[str], start: dt.date, end: dt.date) -> Iterator[ExpenseLine]:
+        """Lines of expenses (``Purchase``: cash, cheque and card spend) and bills (``Bill``) dated within
+        ``[start, end]`` whose ``AccountBasedExpenseLineDetail`` books them to one of ``account_codes``: an
+        account's ``AcctNum``, or its ``Id`` when it has no number. A refund (``Purchase`` with ``Credit``)
+        comes back negative; voided transactions (amounts zeroed by QuickBooks) give nothing."""
+        wanted = set(account_codes)
+        if not wanted:
+            return
+        codes: dict[str, str] = {}
+        for page in self.client.query_pages("Account", "Active IN (true, false)"):
+            for account in page:
+                number = str(account.get("AcctNum") or "").strip()
+                ident = str(account.get("Id") or "")
+                if number and number in wanted:
+                    codes[ident] = number
+                elif not number and ident in wanted:
+                    codes[ident] = ident
+        if not codes:
+            return
+        where = f"TxnDate >= {wire.quote(start.isoformat())} AND TxnDate <= {wire.quote(end.isoformat())}"
+        for entity in ("Purchase", "Bill"):
+            for page in self.client.query_pages(entity, where):
+                for record in page:
+                    yield from self._expense_lines(entity, record, codes)
+
+    def _expense_lines(self, entity: str, data: Mapping[str, Any], codes: Mapping[str, str]) -> Iterator[ExpenseLine]:
+        if data.get("status") == "Deleted":
+            return
+        try:
+            day = _date(data.get("TxnDate"))
+            if day is None:
+                raise _shape_error(f"{entity.lower()} date")
+            currency = _ref(data.get("CurrencyRef")) or self.home_currency()
+            sign = Decimal(-1) if entity == "Purchase" and data.get("Credit") is True else Decimal(1)
+            memo = data.get("PrivateNote") or data.get("Memo")
+            for n, line in enumerate(data.get("Line") or [], start=1):
+                if not isinstance(line, Mapping) or line.get("DetailType") != "AccountBasedExpenseLineDetail":
+                    continue
+                detail = line.get("AccountBasedExpenseLineDetail") or {}
+                code = codes.get(_ref(detail.get("AccountRef")) or "")
+                amount = _dec(line.get("Amount"))
+                if code is None or not amount:
+                    continue
+                yield ExpenseLine(
+                    ledger_id=f"{entity}:{data['Id']}:{line.get('Id') or n}",
+                    account_code=code,
+                    date=day,
+                    net=sign * amount,
+                    currency=currency,
+                    exchange_rate=_rate(data.get("ExchangeRate")),
+                    description=str(line.get("Description") or memo or "") or None,
+                )
+        except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
+            raise _shape_error(entity.lower()) from None
+
+    # == organisation ==============================================================================
+    def base_currency(self) -> str:
+        """The company's home currency (``Preferences.CurrencyPrefs.HomeCurrency``)."""
+        return self.home_currency()
+
+    def invoice_url(self, invoice: Invoice) -> str | None:
+        """The invoice in the QuickBooks web app (``app_url``/app/invoice?txnId=<Id>)."""
+        if not invoice.ledger_id:
+            return None
+        return f"{self.settings.app_url.rstrip('/')}/app/invoice?txnId={invoice.ledger_id}"

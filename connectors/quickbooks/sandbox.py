@@ -26,6 +26,14 @@ What it reproduces, because clients depend on it:
   through ``Line[].LinkedTxn`` reduce the invoice's ``Balance``;
 - ``/cdc?entities=...&changedSince=...``: 30-day look-back, at most 1,000 objects per answer (the oldest
   changes first), deleted objects as ``{"status": "Deleted", "Id", "MetaData"}``;
+- credit memos (``POST/GET /creditmemo``, query, CDC) with ``Balance`` and ``RemainingCredit``; a credit memo is
+  applied to an invoice, as in QuickBooks, by a payment whose lines link both (``TotalAmt`` is the cash only, 0
+  when the credit covers all): the invoice's ``Balance`` and the memo's ``RemainingCredit`` go down together and
+  each lists the payment in its ``LinkedTxn``;
+- expenses (``Purchase``: cash, cheque and card spend, ``Credit`` for a refund) and supplier bills (``Bill``)
+  with ``AccountBasedExpenseLineDetail`` lines booked to accounts; accounts (``POST /account``) carry ``AcctNum``;
+- ``ExchangeRate`` on every transaction in home-currency units per foreign unit: the one sent, else the
+  sandbox's rate of the transaction's month (:func:`exchange_rate`, deterministic);
 - OAuth2: the OpenID discovery document (for intuit-oauth), the token endpoint (refresh_token grant, Basic
   or form client authentication, a new refresh token on every refresh unless ``rotate_refresh_tokens`` is
   off, ``x_refresh_token_expires_in``), bearer tokens that expire (401 AuthenticationFault 3200), the
@@ -34,12 +42,20 @@ What it reproduces, because clients depend on it:
   429 Fault ``SERVICE`` 3001 ``ThrottleExceeded`` (``throttle_status=403`` for the older answer), with no
   ``Retry-After`` unless ``retry_after_header``.
 
-Not simulated: ``/batch``, estimates, credit memos, ``DiscountLineDetail`` (a transaction-level discount;
-per-line ``DiscountRate`` is), sales-tax agencies. Chosen without a primary source (verify against a
-QuickBooks sandbox company): the codes and wording of the 2020/2050/2080/2090/2500/6000 validation Faults
-and of the CDC refusals, the check that a line's ``Amount`` equals ``Qty x UnitPrice`` less the discount,
-how long a ``requestid`` is remembered (``requestid_ttl_s``), and that ``PrimaryTaxIdentifier`` reads back
-unmasked.
+History and settlement (for the demo and the metrics): :meth:`QuickBooksSandbox.load_history` writes a
+:class:`~connectors.seedhistory.History` (customers, invoices, payments, credit memos applied to their
+invoices, supplier bills) with the history's dates; :meth:`QuickBooksSandbox.settle` (and
+``POST /_sandbox/settle {"today": "YYYY-MM-DD"}``) pays the open invoices as each customer's
+:func:`~connectors.seedhistory.payment_plan` says, once per planned payment.
+
+Not simulated: ``/batch``, estimates, ``DiscountLineDetail`` (a transaction-level discount; per-line
+``DiscountRate`` is), sales-tax agencies, updates of credit memos, expenses and bills (they are created, and a
+credit memo deleted), bill payments (a bill stays open), item-based expense lines. Chosen without a primary
+source (verify against a QuickBooks sandbox company): the codes and wording of the 2020/2050/2080/2090/2500/6000
+validation Faults and of the CDC refusals, the check that a line's ``Amount`` equals ``Qty x UnitPrice`` less the
+discount, how long a ``requestid`` is remembered (``requestid_ttl_s``), that ``PrimaryTaxIdentifier`` reads back
+unmasked, the refusals of a payment whose credit exceeds what its invoices take, that an applied credit memo lists
+the payment in its ``LinkedTxn``, and the rates themselves (QuickBooks downloads market rates).
 """
 
 from __future__ import annotations
@@ -58,9 +74,10 @@ import zoneinfo
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
+from connectors import seedhistory
 from connectors.domain import round_money
 from connectors.quickbooks import wire
 from connectors.quickbooks.query import QueryError, Select, lookup, parse, sort_key
@@ -75,6 +92,10 @@ from connectors.sandboxkit import (
     WindowLimit,
 )
 
+if TYPE_CHECKING:
+    from connectors.seedbook import Book, BookCompany
+    from connectors.seedhistory import History, HistoryCreditNote, HistoryExpense, HistoryInvoice
+
 __all__ = [
     "DEMO_CLIENT_ID",
     "DEMO_CLIENT_SECRET",
@@ -83,6 +104,7 @@ __all__ = [
     "TAX_CODES",
     "ItemSpec",
     "QuickBooksSandbox",
+    "exchange_rate",
     "sandbox_settings",
 ]
 
@@ -107,10 +129,28 @@ _ACCOUNTS: tuple[tuple[str, str, str, str, str, str], ...] = (
     ("3", "Clients", "411", "Accounts Receivable", "AccountsReceivable", "Asset"),
     ("4", "Banque", "512", "Bank", "Checking", "Asset"),
     ("5", "TVA collectée", "44571", "Other Current Liability", "GlobalTaxPayable", "Liability"),
+    ("6", "Fournisseurs", "401", "Accounts Payable", "AccountsPayable", "Liability"),
+    ("7", "Publicité, annonces et insertions", "6231", "Expense", "AdvertisingPromotional", "Expense"),
+    ("8", "Honoraires", "6226", "Expense", "LegalProfessionalFees", "Expense"),
+    ("9", "Logiciels et abonnements", "6516", "Expense", "OfficeGeneralAdministrativeExpenses", "Expense"),
+    ("10", "Carte bancaire", "5121", "Credit Card", "CreditCard", "Liability"),
 )
 _CURRENCY_NAMES = {"EUR": "Euro", "USD": "United States Dollar", "GBP": "British Pound Sterling"}
-#: Home-currency units for one foreign unit (QuickBooks' ExchangeRate convention), EUR home.
+#: Home-currency (EUR) units for one foreign unit (QuickBooks' ExchangeRate convention), before the monthly drift.
 _EXCHANGE = {"EUR": Decimal("1"), "USD": Decimal("0.925926"), "GBP": Decimal("1.17")}
+_RATE_STEP = Decimal("0.000001")
+
+
+def exchange_rate(currency: str, day: dt.date, home: str = "EUR") -> Decimal:
+    """The sandbox's rate of ``currency`` on ``day``: home-currency units for one unit, the base rate moved by a
+    fixed drift of the month (-1.25 % .. +1.25 %), so that documents of different months carry different rates and
+    every run gives the same ones. 1 for the home currency."""
+    if currency == home:
+        return Decimal(1)
+    base = _EXCHANGE.get(currency, Decimal(1)) / _EXCHANGE.get(home, Decimal(1))
+    month = day.year * 12 + day.month
+    drift = Decimal((month * 7) % 11 - 5) / Decimal(400)
+    return (base * (Decimal(1) + drift)).quantize(_RATE_STEP)
 _GOODS_PREFIXES = ("HW-", "BOOK-", "PRESS-")
 
 # Which properties a query may filter or sort on, per entity (QuickBooks refuses the others).
@@ -120,6 +160,9 @@ _QUERYABLE: dict[str, set[str]] = {
                          "CompanyName", "PrintOnCheckName", "PrimaryEmailAddr", "Active", "Balance", "Job"},
     "Invoice": _META | {"DocNumber", "TxnDate", "DueDate", "CustomerRef", "Balance", "TotalAmt"},
     "Payment": _META | {"TxnDate", "CustomerRef", "TotalAmt"},
+    "CreditMemo": _META | {"DocNumber", "TxnDate", "CustomerRef", "Balance", "TotalAmt"},
+    "Purchase": _META | {"TxnDate", "PaymentType", "EntityRef", "AccountRef", "TotalAmt", "DocNumber"},
+    "Bill": _META | {"DocNumber", "TxnDate", "DueDate", "VendorRef", "Balance", "TotalAmt"},
     "Item": _META | {"Name", "Sku", "Type", "Active", "Description", "FullyQualifiedName"},
     "TaxCode": {"Id", "Name", "Active"},
     "TaxRate": {"Id", "Name", "Active", "RateValue"},
@@ -130,7 +173,9 @@ _QUERYABLE: dict[str, set[str]] = {
     "Preferences": {"Id"},
 }
 _ACTIVE_DEFAULT = {"Customer", "Item", "Account", "Vendor", "Employee", "TaxCode", "TaxRate"}
-_CDC_ENTITIES = {"Customer", "Invoice", "Payment", "Item", "Account", "Vendor", "Employee"}
+_CDC_ENTITIES = {"Customer", "Invoice", "Payment", "CreditMemo", "Purchase", "Bill", "Item", "Account", "Vendor",
+                 "Employee"}
+_PAYMENT_TYPES = ("Cash", "Check", "CreditCard")
 _QUERY_DEFAULT_MAX = 100
 
 
@@ -269,6 +314,8 @@ class QuickBooksSandbox(SandboxApp):
         "_rng", "realm_id", "_created_at", "_refresh", "_access", "_replays", "_seq", "_doc_seq", "_customers",
         "_invoices", "_payments", "_items", "_tax_codes", "_tax_rates", "_accounts", "_vendors", "_employees",
         "_tombstones", "refresh_calls", "refresh_rejected", "requestid_replays", "requestid_conflicts",
+        "_credit_memos", "_purchases", "_bills", "currencies", "_history_customers", "_history_names",
+        "_history_profiles", "_history_keys", "_settled",
     )
 
     def __init__(
@@ -343,7 +390,19 @@ class QuickBooksSandbox(SandboxApp):
         self._payments: dict[str, dict[str, Any]] = {}
         self._vendors: dict[str, dict[str, Any]] = {}
         self._employees: dict[str, dict[str, Any]] = {}
+        self._credit_memos: dict[str, dict[str, Any]] = {}
+        self._purchases: dict[str, dict[str, Any]] = {}
+        self._bills: dict[str, dict[str, Any]] = {}
         self._tombstones: list[tuple[str, str, float]] = []  # (entity, Id, when)
+        # History and settlement: customer Id -> book company id, company name (casefolded) -> company id,
+        # company id -> payer profile, invoice Id -> the key its payment plan is drawn for, invoice Id -> planned
+        # payments already made.
+        self._history_customers: dict[str, str] = {}
+        self._history_names: dict[str, str] = {}
+        self._history_profiles: dict[str, Any] = {}
+        self._history_keys: dict[str, tuple[str, dt.date]] = {}
+        self._settled: dict[str, int] = {}
+        self._backdate: float | None = None  # while history is written: the time records are stamped with
         self._seed_company(items)
         if initial_refresh_token:
             self._refresh[initial_refresh_token] = _RefreshGrant(issued_at=self.clock.now())
@@ -354,11 +413,15 @@ class QuickBooksSandbox(SandboxApp):
         self._seq[entity] = self._seq.get(entity, 0) + 1
         return str(self._seq[entity])
 
+    def _record_time(self) -> float:
+        """When a record written now says it was written: the sandbox clock, or the day history is written for."""
+        return self.clock.now() if self._backdate is None else self._backdate
+
     def _now(self) -> float:
-        return math.floor(self.clock.now())
+        return math.floor(self._record_time())
 
     def _stamp(self, when: float | None = None) -> str:
-        instant = dt.datetime.fromtimestamp(math.floor(self.clock.now() if when is None else when), tz=dt.UTC)
+        instant = dt.datetime.fromtimestamp(math.floor(self._record_time() if when is None else when), tz=dt.UTC)
         return wire.qbo_datetime(instant, self.tz)
 
     def _time(self) -> str:
@@ -465,6 +528,14 @@ class QuickBooksSandbox(SandboxApp):
         self.route("GET", f"{p}/taxcode/{{id}}", lambda r: self._get_one(r, "TaxCode", self._tax_codes))
         self.route("GET", f"{p}/taxrate/{{id}}", lambda r: self._get_one(r, "TaxRate", self._tax_rates))
         self.route("GET", f"{p}/account/{{id}}", lambda r: self._get_one(r, "Account", self._accounts))
+        self.route("POST", f"{p}/account", lambda r: self._write(r, self._post_account))
+        self.route("POST", f"{p}/creditmemo", lambda r: self._write(r, self._post_credit_memo))
+        self.route("GET", f"{p}/creditmemo/{{id}}", lambda r: self._get_one(r, "CreditMemo", self._live_memos()))
+        self.route("POST", f"{p}/purchase", lambda r: self._write(r, self._post_purchase))
+        self.route("GET", f"{p}/purchase/{{id}}", lambda r: self._get_one(r, "Purchase", self._purchases))
+        self.route("POST", f"{p}/bill", lambda r: self._write(r, self._post_bill))
+        self.route("GET", f"{p}/bill/{{id}}", lambda r: self._get_one(r, "Bill", self._bills))
+        self.route("GET", f"{p}/vendor/{{id}}", lambda r: self._get_one(r, "Vendor", self._vendors))
 
     # == responses =================================================================================
     def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> SandboxResponse:
@@ -709,6 +780,9 @@ class QuickBooksSandbox(SandboxApp):
     def _live_invoices(self) -> dict[str, dict[str, Any]]:
         return {k: v for k, v in self._invoices.items() if v["_status"] != "deleted"}
 
+    def _live_memos(self) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in self._credit_memos.items() if v["_status"] != "deleted"}
+
     def _company_info(self, req: SandboxRequest) -> SandboxResponse:
         if req.params["id"] != self.realm_id:
             return self.not_found(req)
@@ -742,6 +816,9 @@ class QuickBooksSandbox(SandboxApp):
             "Customer": lambda: self._customers.values(),
             "Invoice": lambda: self._live_invoices().values(),
             "Payment": lambda: self._payments.values(),
+            "CreditMemo": lambda: self._live_memos().values(),
+            "Purchase": lambda: self._purchases.values(),
+            "Bill": lambda: self._bills.values(),
             "Item": lambda: self._items.values(),
             "TaxCode": lambda: self._tax_codes.values(),
             "TaxRate": lambda: self._tax_rates.values(),
@@ -863,6 +940,10 @@ class QuickBooksSandbox(SandboxApp):
         if req.arg("operation"):
             raise _Fault("2010", "Request has invalid or unsupported property",
                          "Customers cannot be deleted; set Active to false")
+        return self._ok({"Customer": _strip(self._save_customer(body))})
+
+    def _save_customer(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Create or update a customer from a request body (a Fault when QuickBooks would refuse it)."""
         existing: dict[str, Any] | None = None
         if body.get("Id") not in (None, ""):
             existing = self._customers.get(str(body["Id"]))
@@ -922,7 +1003,7 @@ class QuickBooksSandbox(SandboxApp):
         else:
             self._touch(record)
         self._customers[record["Id"]] = record
-        return self._ok({"Customer": _strip(record)})
+        return record
 
     # == invoices ==================================================================================
     def _tax_rate_of(self, code_id: str) -> tuple[Decimal, list[tuple[str, Decimal]]]:
@@ -1126,7 +1207,7 @@ class QuickBooksSandbox(SandboxApp):
             inv.pop("DocNumber", None)
         inv["TxnDate"] = str(txn_date)
         inv["CurrencyRef"] = self._currency_ref(currency)
-        inv["ExchangeRate"] = _EXCHANGE.get(currency, Decimal(1))
+        inv["ExchangeRate"] = self._rate_for(body, currency, str(txn_date))
         if isinstance(note, str):
             inv["PrivateNote"] = note
         if "CustomerMemo" in body:
@@ -1172,63 +1253,336 @@ class QuickBooksSandbox(SandboxApp):
         return self._ok({"Payment": _strip(self._new_payment(body))})
 
     def _new_payment(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A payment: its lines apply amounts to invoices and use credit memos; ``TotalAmt`` is the money received,
+        at least the invoices' amounts less the credit used (the rest stays unapplied)."""
         customer_id = _ref_value(body.get("CustomerRef"))
         customer = self._customers.get(customer_id or "")
         if customer is None:
             raise _invalid_ref("CustomerRef", customer_id) if customer_id else _missing("CustomerRef")
         total = _dec(body.get("TotalAmt"), "TotalAmt")
+        if total < 0:
+            raise _business("The total amount of a payment cannot be negative.")
         currency = _ref_value(body.get("CurrencyRef")) or _ref_value(customer.get("CurrencyRef")) or self.home_currency
-        applied: list[tuple[dict[str, Any], Decimal]] = []
+        applied: list[tuple[str, dict[str, Any], Decimal]] = []  # (TxnType, invoice or memo, amount)
+        used: dict[str, Decimal] = {}
         for raw in body.get("Line") or []:
             amount = _dec(raw.get("Amount") if isinstance(raw, dict) else None, "Line.Amount")
-            links = raw.get("LinkedTxn") or []
-            link = links[0] if links and isinstance(links[0], dict) else {}
-            if link.get("TxnType") != "Invoice":
-                raise _Fault("2010", "Request has invalid or unsupported property",
-                             "A payment line must link an Invoice", element="LinkedTxn")
-            inv = self._live_invoices().get(str(link.get("TxnId") or ""))
-            if inv is None or inv["_status"] != "active":
-                raise _invalid_ref("LinkedTxn", link.get("TxnId"))
-            if inv["CustomerRef"]["value"] != customer["Id"]:
-                raise _business("The invoice belongs to another customer.")
-            if inv["CurrencyRef"]["value"] != currency:
-                raise _business("The payment currency must be the invoice currency.")
-            if amount <= 0 or amount > inv["Balance"]:
-                raise _business(f"The amount applied ({amount}) must be positive and at most the open balance "
-                                f"({inv['Balance']}).")
-            applied.append((inv, amount))
-        used = sum((a for _i, a in applied), Decimal(0))
-        if total < used:
-            raise _business("The total amount is less than the amounts applied to invoices.")
+            links = [link for link in raw.get("LinkedTxn") or [] if isinstance(link, dict)]
+            if not links:
+                raise _missing("Line.LinkedTxn")
+            for link in links:
+                kind = link.get("TxnType")
+                if kind == "Invoice":
+                    doc = self._live_invoices().get(str(link.get("TxnId") or ""))
+                    if doc is None or doc["_status"] != "active":
+                        raise _invalid_ref("LinkedTxn", link.get("TxnId"))
+                elif kind == "CreditMemo":
+                    doc = self._live_memos().get(str(link.get("TxnId") or ""))
+                    if doc is None:
+                        raise _invalid_ref("LinkedTxn", link.get("TxnId"))
+                else:
+                    raise _Fault("2010", "Request has invalid or unsupported property",
+                                 "A payment line must link an Invoice or a CreditMemo", element="LinkedTxn")
+                if doc["CustomerRef"]["value"] != customer["Id"]:
+                    raise _business(f"The {kind} belongs to another customer.")
+                if doc["CurrencyRef"]["value"] != currency:
+                    raise _business(f"The payment currency must be the {kind} currency.")
+                key = f"{kind}:{doc['Id']}"
+                used[key] = used.get(key, Decimal(0)) + amount
+                if amount <= 0 or used[key] > doc["Balance"]:
+                    raise _business(f"The amount applied ({amount}) must be positive and at most the open balance "
+                                    f"({doc['Balance']}) of {kind} {doc['Id']}.")
+                applied.append((kind, doc, amount))
+        to_invoices = sum((a for kind, _d, a in applied if kind == "Invoice"), Decimal(0))
+        credit = sum((a for kind, _d, a in applied if kind == "CreditMemo"), Decimal(0))
+        if credit > to_invoices:
+            raise _business("The credit used is more than the amounts applied to invoices.")
+        if total < to_invoices - credit:
+            raise _business("The total amount is less than the amounts applied to invoices less the credit used.")
         day = str(body.get("TxnDate") or self._today().isoformat())
         payment_id = self._next_id("Payment")
         payment: dict[str, Any] = {
             "Id": payment_id, "SyncToken": "0", "domain": "QBO", "sparse": False, "MetaData": self._meta(),
             "TxnDate": day, "CurrencyRef": self._currency_ref(currency),
-            "ExchangeRate": _EXCHANGE.get(currency, Decimal(1)),
+            "ExchangeRate": self._rate_for(body, currency, day),
             "CustomerRef": {"value": customer["Id"], "name": customer["DisplayName"]},
             "DepositToAccountRef": {"value": _ref_value(body.get("DepositToAccountRef")) or "4"},
-            "TotalAmt": total, "UnappliedAmt": total - used, "ProcessPayment": False,
-            "Line": [{"Amount": a, "LinkedTxn": [{"TxnId": inv["Id"], "TxnType": "Invoice"}]} for inv, a in applied],
+            "TotalAmt": total, "UnappliedAmt": total - (to_invoices - credit), "ProcessPayment": False,
+            "Line": [{"Amount": a, "LinkedTxn": [{"TxnId": doc["Id"], "TxnType": kind}]} for kind, doc, a in applied],
             "_t": self._now(),
         }
         if body.get("PrivateNote"):
             payment["PrivateNote"] = str(body["PrivateNote"])
-        for inv, amount in applied:
-            inv["_paid"] = inv.get("_paid", Decimal(0)) + amount
-            inv["Balance"] = inv["TotalAmt"] - inv["_paid"]
-            if "HomeBalance" in inv:
-                inv["HomeBalance"] = round_money(inv["Balance"] * Decimal(inv["ExchangeRate"]), self.home_currency)
-            inv["LinkedTxn"].append({"TxnId": payment_id, "TxnType": "Payment"})
-            self._touch(inv)
+        for _kind, doc, amount in applied:
+            doc["_paid"] = doc.get("_paid", Decimal(0)) + amount
+            doc["Balance"] = doc["TotalAmt"] - doc["_paid"]
+            if "RemainingCredit" in doc:
+                doc["RemainingCredit"] = doc["Balance"]
+            if "HomeBalance" in doc:
+                doc["HomeBalance"] = round_money(doc["Balance"] * Decimal(doc["ExchangeRate"]), self.home_currency)
+            if not any(link.get("TxnId") == payment_id for link in doc["LinkedTxn"]):
+                doc["LinkedTxn"].append({"TxnId": payment_id, "TxnType": "Payment"})
+            self._touch(doc)
         self._payments[payment_id] = payment
         return payment
+
+    def _rate_for(self, body: Mapping[str, Any], currency: str, day: str) -> Decimal:
+        """The ``ExchangeRate`` sent when positive, else the sandbox's rate for the transaction's month."""
+        if currency == self.home_currency:
+            return Decimal(1)
+        sent = body.get("ExchangeRate")
+        if sent not in (None, ""):
+            rate = _dec(sent, "ExchangeRate")
+            if rate <= 0:
+                raise _Fault("2050", "Invalid value", "ExchangeRate must be positive", element="ExchangeRate")
+            return rate
+        try:
+            when = dt.date.fromisoformat(day[:10])
+        except ValueError:
+            when = self._today()
+        return exchange_rate(currency, when, self.home_currency)
+
+    # == credit memos ==============================================================================
+    def _post_credit_memo(self, req: SandboxRequest) -> SandboxResponse:
+        body = self._body(req)
+        operation = (req.arg("operation") or "").lower()
+        if operation == "delete":
+            memo = self._live_memos().get(str(body.get("Id") or ""))
+            if memo is None:
+                raise _Fault("610", "Object Not Found", f"Object Not Found : CreditMemo {body.get('Id')}")
+            self._stale(memo, body)
+            if memo["_paid"] > 0:
+                raise _business("This credit memo has been applied. Remove the payments that use it first.")
+            memo["_status"] = "deleted"
+            memo["_t"] = self._now()
+            self._tombstones.append(("CreditMemo", memo["Id"], memo["_t"]))
+            return self._ok({"CreditMemo": {"domain": "QBO", "status": "Deleted", "Id": memo["Id"]}})
+        if operation not in ("", "create") or body.get("Id") not in (None, ""):
+            raise _Fault("2010", "Request has invalid or unsupported property",
+                         "This sandbox creates and deletes credit memos; it does not update them")
+        return self._ok({"CreditMemo": _strip(self._new_credit_memo(body))})
+
+    def _new_credit_memo(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        customer_id = _ref_value(body.get("CustomerRef"))
+        customer = self._customers.get(customer_id or "")
+        if customer is None or not customer.get("Active", True):
+            raise _invalid_ref("CustomerRef", customer_id) if customer_id else _missing("CustomerRef")
+        customer_currency = _ref_value(customer.get("CurrencyRef")) or self.home_currency
+        currency = _ref_value(body.get("CurrencyRef")) or customer_currency
+        if currency != customer_currency:
+            raise _business(f"The currency of the transaction ({currency}) must be the currency of the customer "
+                            f"({customer_currency}).")
+        calc = str(body.get("GlobalTaxCalculation") or "TaxExcluded")
+        if calc not in ("TaxExcluded", "TaxInclusive", "NotApplicable"):
+            raise _Fault("2010", "Request has invalid or unsupported property",
+                         f"GlobalTaxCalculation {calc} is not valid", element="GlobalTaxCalculation")
+        lines = self._build_lines(body.get("Line"), currency, calc == "TaxInclusive")
+        txn_date = str(body.get("TxnDate") or self._today().isoformat())
+        try:
+            dt.date.fromisoformat(txn_date)
+        except ValueError:
+            raise _Fault("2080", "Invalid date", f"Invalid date : TxnDate {txn_date}", element="TxnDate") from None
+        number = str(body["DocNumber"]) if body.get("DocNumber") not in (None, "") else None
+        if number is not None:
+            if len(number) > wire.DOC_NUMBER_MAX:
+                raise _length("DocNumber", wire.DOC_NUMBER_MAX, len(number))
+            holder = next((m["Id"] for m in self._live_memos().values() if m.get("DocNumber") == number), None)
+            if holder is not None and not self.allow_duplicate_doc_numbers:
+                raise _Fault("6140", "Duplicate Document Number Error",
+                             "Duplicate Document Number Error : You must specify a different number. This number "
+                             f"has already been used. DocNumber={number} is assigned to TxnType=CreditMemo with "
+                             f"TxnId={holder}")
+        elif self.auto_doc_numbers:
+            self._doc_seq += 1
+            while (self._doc_number_taken(str(self._doc_seq), None) is not None
+                   or any(m.get("DocNumber") == str(self._doc_seq) for m in self._credit_memos.values())):
+                self._doc_seq += 1
+            number = str(self._doc_seq)
+        memo: dict[str, Any] = {
+            "Id": self._next_id("CreditMemo"), "SyncToken": "0", "domain": "QBO", "sparse": False,
+            "MetaData": self._meta(), "TxnDate": txn_date, "CurrencyRef": self._currency_ref(currency),
+            "ExchangeRate": self._rate_for(body, currency, txn_date),
+            "CustomerRef": {"value": customer["Id"], "name": customer["DisplayName"]},
+            "GlobalTaxCalculation": calc, "PrintStatus": "NotSet", "EmailStatus": "NotSet", "LinkedTxn": [],
+            "CustomField": [], "_status": "active", "_paid": Decimal("0.00"), "_t": self._now(),
+        }
+        if number is not None:
+            memo["DocNumber"] = number
+        if isinstance(body.get("PrivateNote"), str):
+            memo["PrivateNote"] = body["PrivateNote"]
+        if isinstance(body.get("CustomerMemo"), dict):
+            memo["CustomerMemo"] = copy.deepcopy(body["CustomerMemo"])
+        self._totals(memo, lines, calc == "TaxInclusive")
+        memo["RemainingCredit"] = memo["Balance"]
+        self._credit_memos[memo["Id"]] = memo
+        return memo
+
+    # == accounts, expenses and bills ==============================================================
+    def _post_account(self, req: SandboxRequest) -> SandboxResponse:
+        body = self._body(req)
+        if body.get("Id") not in (None, "") or req.arg("operation"):
+            raise _Fault("2010", "Request has invalid or unsupported property", "This sandbox only creates accounts")
+        return self._ok({"Account": _strip(self._new_account(body))})
+
+    def _new_account(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        name = str(body.get("Name") or "").strip()
+        if not name:
+            raise _missing("Name")
+        if len(name) > 100:
+            raise _length("Name", 100, len(name))
+        kind = str(body.get("AccountType") or "").strip()
+        if not kind and not body.get("AccountSubType"):
+            raise _missing("AccountType")
+        number = str(body["AcctNum"]).strip() if body.get("AcctNum") not in (None, "") else None
+        for account in self._accounts.values():
+            if str(account["Name"]).casefold() == name.casefold():
+                raise _Fault("6240", "Duplicate Name Exists Error",
+                             "The name supplied already exists. : Another account is already using this name.")
+            if number is not None and account.get("AcctNum") == number:
+                raise _Fault("6000", "A business validation error has occurred while processing your request",
+                             f"Business Validation Error: Another account already uses the number {number}.")
+        classification = {"Expense": "Expense", "Other Expense": "Expense", "Cost of Goods Sold": "Expense",
+                          "Income": "Revenue", "Other Income": "Revenue", "Bank": "Asset",
+                          "Accounts Receivable": "Asset", "Accounts Payable": "Liability",
+                          "Credit Card": "Liability"}.get(kind or "Expense", "Asset")
+        record: dict[str, Any] = {
+            "Id": self._next_id("Account"), "SyncToken": "0", "domain": "QBO", "sparse": False,
+            "MetaData": self._meta(), "Name": name, "FullyQualifiedName": name, "Active": True, "SubAccount": False,
+            "Classification": classification, "AccountType": kind or "Expense",
+            "AccountSubType": str(body.get("AccountSubType") or "OtherMiscellaneousServiceCost"),
+            "CurrentBalance": Decimal("0"), "CurrentBalanceWithSubAccounts": Decimal("0"),
+            "CurrencyRef": self._currency_ref(_ref_value(body.get("CurrencyRef")) or self.home_currency),
+            "_t": self._now(),
+        }
+        if number is not None:
+            record["AcctNum"] = number
+        self._accounts[record["Id"]] = record
+        return record
+
+    def _account(self, ref: Any, what: str) -> dict[str, Any]:
+        account_id = _ref_value(ref)
+        account = self._accounts.get(account_id or "")
+        if account is None or not account.get("Active", True):
+            raise _invalid_ref(what, account_id) if account_id else _missing(what)
+        return account
+
+    def _expense_lines(self, raw_lines: Any, currency: str, calc: str) -> tuple[list[dict[str, Any]], Decimal]:
+        """The lines of a purchase or a bill (``AccountBasedExpenseLineDetail`` only) and their tax."""
+        if not isinstance(raw_lines, list) or not raw_lines:
+            raise _missing("Line")
+        lines: list[dict[str, Any]] = []
+        tax = Decimal(0)
+        for n, raw in enumerate(raw_lines, start=1):
+            if not isinstance(raw, dict) or raw.get("DetailType") != "AccountBasedExpenseLineDetail":
+                raise _Fault("2010", "Request has invalid or unsupported property",
+                             f"Line {n}: this sandbox books expense lines to accounts only "
+                             "(AccountBasedExpenseLineDetail)", element="Line.DetailType")
+            detail = raw.get("AccountBasedExpenseLineDetail")
+            if not isinstance(detail, dict):
+                raise _missing("AccountBasedExpenseLineDetail")
+            account = self._account(detail.get("AccountRef"), "AccountRef")
+            if raw.get("Amount") is None:
+                raise _missing("Line.Amount")
+            amount = round_money(_dec(raw["Amount"], "Amount"), currency)
+            if amount < 0:
+                raise _business("An expense line amount cannot be negative; record a refund with Credit.")
+            out: dict[str, Any] = {"AccountRef": {"value": account["Id"], "name": account["Name"]},
+                                   "BillableStatus": "NotBillable"}
+            code_id = _ref_value(detail.get("TaxCodeRef"))
+            if code_id is not None:
+                rate, _parts = self._tax_rate_of(code_id)
+                line_tax = (round_money(amount * rate / (Decimal(100) + rate), currency) if calc == "TaxInclusive"
+                            else round_money(amount * rate / Decimal(100), currency))
+                out["TaxCodeRef"] = {"value": code_id}
+                out["TaxAmount"] = line_tax
+                tax += line_tax
+            lines.append({"Id": str(n), "LineNum": n, "Description": str(raw.get("Description") or ""),
+                          "Amount": amount, "DetailType": "AccountBasedExpenseLineDetail",
+                          "AccountBasedExpenseLineDetail": out})
+        return lines, tax
+
+    def _post_purchase(self, req: SandboxRequest) -> SandboxResponse:
+        body = self._body(req)
+        if body.get("Id") not in (None, "") or req.arg("operation"):
+            raise _Fault("2010", "Request has invalid or unsupported property", "This sandbox only creates expenses")
+        return self._ok({"Purchase": _strip(self._new_purchase(body))})
+
+    def _new_purchase(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        kind = body.get("PaymentType")
+        if kind is None:
+            raise _missing("PaymentType")
+        if kind not in _PAYMENT_TYPES:
+            raise _Fault("2010", "Request has invalid or unsupported property",
+                         f"PaymentType {kind} is not one of {', '.join(_PAYMENT_TYPES)}", element="PaymentType")
+        paid_from = self._account(body.get("AccountRef"), "AccountRef")
+        return self._new_expense_doc("Purchase", body, {
+            "PaymentType": kind, "Credit": body.get("Credit") is True,
+            "AccountRef": {"value": paid_from["Id"], "name": paid_from["Name"]},
+        }, self._purchases, entity_ref=body.get("EntityRef"))
+
+    def _post_bill(self, req: SandboxRequest) -> SandboxResponse:
+        body = self._body(req)
+        if body.get("Id") not in (None, "") or req.arg("operation"):
+            raise _Fault("2010", "Request has invalid or unsupported property", "This sandbox only creates bills")
+        return self._ok({"Bill": _strip(self._new_bill(body))})
+
+    def _new_bill(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        vendor_id = _ref_value(body.get("VendorRef"))
+        vendor = self._vendors.get(vendor_id or "")
+        if vendor is None or not vendor.get("Active", True):
+            raise _invalid_ref("VendorRef", vendor_id) if vendor_id else _missing("VendorRef")
+        payable = self._accounts["6"]
+        txn_date = str(body.get("TxnDate") or self._today().isoformat())
+        return self._new_expense_doc("Bill", body, {
+            "VendorRef": {"value": vendor["Id"], "name": vendor["DisplayName"]},
+            "APAccountRef": {"value": payable["Id"], "name": payable["Name"]},
+            "DueDate": str(body.get("DueDate") or txn_date),
+        }, self._bills)
+
+    def _new_expense_doc(self, entity: str, body: Mapping[str, Any], fields: dict[str, Any],
+                         table: dict[str, dict[str, Any]], *, entity_ref: Any = None) -> dict[str, Any]:
+        currency = _ref_value(body.get("CurrencyRef")) or self.home_currency
+        if currency not in self.currencies:
+            raise _invalid_ref("CurrencyRef", currency)
+        txn_date = str(body.get("TxnDate") or self._today().isoformat())
+        for field in ("TxnDate", "DueDate"):
+            value = fields.get(field, txn_date) if field == "DueDate" else txn_date
+            try:
+                dt.date.fromisoformat(str(value))
+            except ValueError:
+                raise _Fault("2080", "Invalid date", f"Invalid date : {field} {value}", element=field) from None
+        calc = str(body.get("GlobalTaxCalculation") or "TaxExcluded")
+        lines, tax = self._expense_lines(body.get("Line"), currency, calc)
+        net = sum((ln["Amount"] for ln in lines), Decimal(0))
+        total = net if calc == "TaxInclusive" else net + tax
+        doc: dict[str, Any] = {
+            "Id": self._next_id(entity), "SyncToken": "0", "domain": "QBO", "sparse": False, "MetaData": self._meta(),
+            "TxnDate": txn_date, "CurrencyRef": self._currency_ref(currency),
+            "ExchangeRate": self._rate_for(body, currency, txn_date), "GlobalTaxCalculation": calc,
+            "Line": lines, "TxnTaxDetail": {"TotalTax": tax}, "TotalAmt": total, "_t": self._now(), **fields,
+        }
+        if entity == "Bill":
+            doc["Balance"] = total
+        if currency != self.home_currency:
+            doc["HomeTotalAmt"] = round_money(total * Decimal(doc["ExchangeRate"]), self.home_currency)
+        for key in ("DocNumber", "PrivateNote", "Memo"):
+            if isinstance(body.get(key), str) and body[key]:
+                doc[key] = body[key]
+        if entity_ref is not None:
+            ref = _ref_value(entity_ref)
+            holder = self._vendors.get(ref or "")
+            if holder is None:
+                raise _invalid_ref("EntityRef", ref)
+            doc["EntityRef"] = {"value": holder["Id"], "name": holder["DisplayName"], "type": "Vendor"}
+        table[doc["Id"]] = doc
+        return doc
 
     # == test and demo helpers =====================================================================
     def admin(self, req: SandboxRequest) -> SandboxResponse:
         """Sandbox controls: ``GET /_sandbox/{stats,invoices,customers,payments}``, ``POST /_sandbox/authorize``
         (a fresh token set, as after the consent flow), ``POST /_sandbox/payments`` (``{"invoice_id", "amount",
-        "date"}``: a payment recorded by a person) and ``POST /_sandbox/revoke``."""
+        "date"}``: a payment recorded by a person), ``POST /_sandbox/settle`` (``{"today": "YYYY-MM-DD"}``: the
+        customers pay as planned up to that day, see :meth:`settle`) and ``POST /_sandbox/revoke``."""
         path = req.path.rstrip("/")
         h = {"Content-Type": "application/json"}
 
@@ -1254,6 +1608,14 @@ class QuickBooksSandbox(SandboxApp):
             except (ValueError, KeyError, TypeError, _Fault) as exc:
                 return SandboxResponse(400, dump({"message": str(exc)}), h)
             return SandboxResponse(200, dump(payment), h)
+        if req.method == "POST" and path == "/_sandbox/settle":
+            try:
+                body = wire.loads(req.body or b"{}") or {}
+                today = dt.date.fromisoformat(str(body["today"])) if body.get("today") else self._today()
+                made = self.settle(today)
+            except (ValueError, TypeError, AttributeError) as exc:
+                return SandboxResponse(400, dump({"message": str(exc)}), h)
+            return SandboxResponse(200, dump({"payments": made, "today": today.isoformat()}), h)
         return super().admin(req)
 
     def issue_tokens(self) -> dict[str, Any]:
@@ -1357,6 +1719,287 @@ class QuickBooksSandbox(SandboxApp):
             shown: dict[str, Any] = _strip(payment)
             return shown
 
+    def credit_invoice(self, invoice_id: str, net: Decimal | None = None, day: dt.date | None = None, *,
+                       gross: Decimal | None = None, apply: bool = True) -> dict[str, Any]:
+        """A credit memo against an invoice, as a person would record it: the invoice's lines (all of it), or one
+        line on the item and tax code of its first line worth ``net`` before tax or ``gross`` tax included (then
+        entered tax-inclusive, so that the memo's total is exactly ``gross``); applied to the invoice (as far as it
+        is still due) by a payment of no money dated ``day``, unless ``apply`` is False. Returns the memo."""
+        with self.lock:
+            inv = self._invoices[invoice_id]
+            sales = [ln for ln in inv["Line"] if ln["DetailType"] == "SalesItemLineDetail"]
+            calc = "TaxExcluded"
+            if net is None and gross is None:
+                lines = [{"DetailType": "SalesItemLineDetail", "Amount": ln["Amount"],
+                          "Description": ln.get("Description", ""),
+                          "SalesItemLineDetail": {k: copy.deepcopy(v) for k, v in ln["SalesItemLineDetail"].items()
+                                                  if k in ("ItemRef", "Qty", "UnitPrice", "DiscountRate",
+                                                           "TaxCodeRef")}} for ln in sales]
+            else:
+                amount = gross if gross is not None else net
+                if gross is not None:
+                    calc = "TaxInclusive"
+                first = sales[0]["SalesItemLineDetail"]
+                lines = [{"DetailType": "SalesItemLineDetail", "Amount": amount, "Description": "Avoir",
+                          "SalesItemLineDetail": {"ItemRef": dict(first["ItemRef"]), "Qty": Decimal(1),
+                                                  "UnitPrice": amount, "TaxCodeRef": dict(first["TaxCodeRef"])}}]
+            when = (day or self._today()).isoformat()
+            memo = self._new_credit_memo({"CustomerRef": dict(inv["CustomerRef"]),
+                                          "CurrencyRef": dict(inv["CurrencyRef"]), "TxnDate": when,
+                                          "GlobalTaxCalculation": calc, "Line": lines})
+            if apply:
+                self._apply_credit(memo, inv, when)
+            shown: dict[str, Any] = _strip(memo)
+            return shown
+
+    def _apply_credit(self, memo: dict[str, Any], inv: dict[str, Any], day: str) -> Decimal:
+        """Apply as much of ``memo`` as ``inv`` still owes, by a payment of no money; returns the amount applied."""
+        amount = min(Decimal(memo["Balance"]), Decimal(inv["Balance"]))
+        if amount <= 0 or inv["_status"] != "active":
+            return Decimal(0)
+        self._new_payment({
+            "CustomerRef": {"value": inv["CustomerRef"]["value"]}, "TotalAmt": Decimal(0),
+            "CurrencyRef": {"value": inv["CurrencyRef"]["value"]}, "TxnDate": day,
+            "Line": [{"Amount": amount, "LinkedTxn": [{"TxnId": inv["Id"], "TxnType": "Invoice"}]},
+                     {"Amount": amount, "LinkedTxn": [{"TxnId": memo["Id"], "TxnType": "CreditMemo"}]}],
+        })
+        return amount
+
+    def add_expense(self, account_code: str, day: dt.date, net: Decimal, currency: str | None = None, *,
+                    description: str = "", kind: str = "Bill") -> dict[str, Any]:
+        """A supplier bill (``kind="Bill"``) or an expense paid by card (``"Purchase"``) of one line of ``net``
+        booked to the account whose AcctNum is ``account_code`` (created as an expense account when missing)."""
+        with self.lock:
+            account = self._expense_account(account_code, description)
+            line = {"DetailType": "AccountBasedExpenseLineDetail", "Amount": net, "Description": description,
+                    "AccountBasedExpenseLineDetail": {"AccountRef": {"value": account["Id"]}}}
+            body: dict[str, Any] = {"TxnDate": day.isoformat(), "Line": [line],
+                                    "CurrencyRef": {"value": currency or self.home_currency}}
+            if kind == "Purchase":
+                doc = self._new_purchase({**body, "PaymentType": "CreditCard", "AccountRef": {"value": "10"}})
+            else:
+                vendor = self._history_vendor()
+                doc = self._new_bill({**body, "VendorRef": {"value": vendor["Id"]},
+                                      "DueDate": (day + dt.timedelta(days=30)).isoformat()})
+            shown: dict[str, Any] = _strip(doc)
+            return shown
+
+    def _expense_account(self, code: str, label: str = "") -> dict[str, Any]:
+        for account in self._accounts.values():
+            if account.get("AcctNum") == code:
+                return account
+        name = f"{code} {label}".strip()[:100] if label else f"Charges {code}"
+        taken = {str(a["Name"]).casefold() for a in self._accounts.values()}
+        if name.casefold() in taken:
+            name = f"Charges {code}"
+        return self._new_account({"Name": name, "AcctNum": code, "AccountType": "Expense"})
+
+    def _history_vendor(self) -> dict[str, Any]:
+        name = "Fournisseurs divers"
+        for vendor in self._vendors.values():
+            if vendor["DisplayName"] == name:
+                return vendor
+        vendor_id = self._next_id("Vendor")
+        self._vendors[vendor_id] = {"Id": vendor_id, "SyncToken": "0", "domain": "QBO", "sparse": False,
+                                    "MetaData": self._meta(), "DisplayName": name, "CompanyName": name,
+                                    "PrintOnCheckName": name, "Active": True, "Balance": Decimal("0"),
+                                    "_t": self._now()}
+        return self._vendors[vendor_id]
+
+    # == history and settlement ====================================================================
+    def _at_noon(self, day: dt.date) -> float:
+        return dt.datetime(day.year, day.month, day.day, 12, tzinfo=self.tz).timestamp()
+
+    def load_history(self, book: Book, history: History) -> dict[str, int]:
+        """Write ``history`` as the company's past: a customer per company of the history (the name, e-mail, VAT
+        number, SIRET and address the sync would send, without its external number, so that the sync matches
+        them), the invoices with their dates, numbers, items and tax codes (the demo configuration's: the TaxCode
+        of each rate, the Item of each SKU), the payments, the credit memos applied to their invoices by payments
+        of no money, the supplier bills of the expenses (expenses paid from the bank for personnel costs, accounts
+        64x), on expense accounts created when missing. Each record is stamped with the day it happened, so that
+        change data capture sees only the recent ones. Records already there (the same company, invoice or credit
+        memo number, expense) are kept, so loading twice adds nothing. Returns what was added."""
+        by_code = {rate: code_id for code_id, _n, rate, _r, _rn in TAX_CODES}
+        items = {str(item["Sku"]): item for item in self._items.values()}
+        wanted = ({i.company_id for i in history.invoices} | {c.company_id for c in history.credit_notes}
+                  | {p.company_id for p in history.profiles})
+        companies = [c for c in book.companies if c.id in wanted]
+        first: dict[str, dt.date] = {}
+        for inv in history.invoices:
+            first[inv.company_id] = min(first.get(inv.company_id, inv.issue_date), inv.issue_date)
+        counts = {"customers": 0, "invoices": 0, "payments": 0, "credit_notes": 0, "expenses": 0}
+        with self.lock:
+            try:
+                customer_of: dict[str, dict[str, Any]] = {}
+                for company in companies:
+                    since = first.get(company.id, history.today) - dt.timedelta(days=30)
+                    self._backdate = self._at_noon(since)
+                    before = len(self._customers)
+                    customer_of[company.id] = self._history_customer(company)
+                    counts["customers"] += len(self._customers) - before
+                self._history_profiles.update({p.company_id: p for p in history.profiles})
+                self._history_names.update({c.name.casefold(): c.id for c in companies})
+                invoice_numbers = {str(i.get("DocNumber")): i["Id"] for i in self._live_invoices().values()}
+                memo_numbers = {str(m.get("DocNumber")) for m in self._live_memos().values()}
+                expenses_in = {str(d.get("PrivateNote")) for d in (*self._bills.values(), *self._purchases.values())}
+                events: list[tuple[dt.date, int, str, Any]] = []
+                invoice_ids: dict[str, str] = {}
+                for inv in history.invoices:
+                    known = invoice_numbers.get(inv.number[: wire.DOC_NUMBER_MAX])
+                    if known is not None:
+                        invoice_ids[inv.id] = known
+                        continue
+                    events.append((inv.issue_date, 0, "invoice", inv))
+                    events.extend((p.date, 2, "payment", p) for p in inv.payments)
+                events.extend((c.issue_date, 1, "credit", c) for c in history.credit_notes
+                              if c.number[: wire.DOC_NUMBER_MAX] not in memo_numbers)
+                events.extend((e.date, 3, "expense", e) for e in history.expenses if e.id not in expenses_in)
+                events.sort(key=lambda ev: (ev[0], ev[1]))
+                for day, _rank, kind, item in events:
+                    self._backdate = self._at_noon(day)
+                    if kind == "invoice":
+                        body = self._history_document(item, customer_of[item.company_id], items, by_code)
+                        record = self._invoice_from({**body, "DocNumber": item.number[: wire.DOC_NUMBER_MAX],
+                                                     "DueDate": item.due_date.isoformat()}, None)
+                        self._invoices[record["Id"]] = record
+                        invoice_ids[item.id] = record["Id"]
+                        # Its plan is drawn for the history's id; up to the history's today the history says what
+                        # was paid.
+                        self._history_keys[record["Id"]] = (item.id, history.today)
+                        counts["invoices"] += 1
+                    elif kind == "payment":
+                        inv_record = self._invoices[invoice_ids[item.invoice_id]]
+                        amount = min(item.amount, Decimal(inv_record["Balance"]))
+                        if amount > 0:
+                            self._new_payment({
+                                "CustomerRef": {"value": inv_record["CustomerRef"]["value"]}, "TotalAmt": amount,
+                                "CurrencyRef": {"value": inv_record["CurrencyRef"]["value"]},
+                                "TxnDate": day.isoformat(), "PrivateNote": item.id,
+                                "Line": [{"Amount": amount,
+                                          "LinkedTxn": [{"TxnId": inv_record["Id"], "TxnType": "Invoice"}]}]})
+                            counts["payments"] += 1
+                    elif kind == "credit":
+                        body = self._history_document(item, customer_of[item.company_id], items, by_code)
+                        memo = self._new_credit_memo({**body, "DocNumber": item.number[: wire.DOC_NUMBER_MAX]})
+                        target = invoice_ids.get(item.invoice_id)
+                        if target is not None:
+                            self._apply_credit(memo, self._invoices[target], day.isoformat())
+                        counts["credit_notes"] += 1
+                    else:
+                        self._history_expense(item)
+                        counts["expenses"] += 1
+            except _Fault as fault:
+                raise ValueError(f"the history does not fit this QuickBooks company: {fault}") from None
+            finally:
+                self._backdate = None
+        return counts
+
+    def _history_customer(self, company: BookCompany) -> dict[str, Any]:
+        for customer_id, known in self._history_customers.items():
+            if known == company.id and customer_id in self._customers:
+                return self._customers[customer_id]  # loaded before
+        customer = seedhistory.book_customer(company)
+        if company.currency not in self.currencies:
+            self.currencies = (*self.currencies, company.currency)
+        base = wire.display_name(company.name) or company.id
+        candidates = [base, f"{base[: wire.DISPLAY_NAME_MAX - len(company.id) - 3]} ({company.id})"]
+        for name in candidates:
+            if self._names_taken(name, None) is None:
+                record = self._save_customer(wire.customer_body(customer, name))
+                self._history_customers[record["Id"]] = company.id
+                return record
+        raise ValueError(f"no free DisplayName for the company {company.id}")
+
+    def _history_document(self, doc: HistoryInvoice | HistoryCreditNote, customer: Mapping[str, Any],
+                          items: Mapping[str, Mapping[str, Any]], by_code: Mapping[Decimal, str]) -> dict[str, Any]:
+        currency = _ref_value(customer.get("CurrencyRef")) or self.home_currency
+        if doc.currency != currency:
+            raise ValueError(f"{doc.id} is in {doc.currency} but its customer pays in {currency}; a QuickBooks "
+                             f"customer has one currency")
+        lines = []
+        for line in doc.lines:
+            item = items.get(line.sku)
+            code = by_code.get(Decimal(line.tax_rate))
+            if item is None or code is None:
+                raise ValueError(f"{doc.id}: no item {line.sku!r} or no tax code for {line.tax_rate} %")
+            amount = round_money(line.quantity * line.unit_price * (Decimal(100) - line.discount_percent)
+                                 / Decimal(100), doc.currency)
+            detail: dict[str, Any] = {"ItemRef": {"value": item["Id"]}, "Qty": line.quantity,
+                                      "UnitPrice": line.unit_price, "TaxCodeRef": {"value": code}}
+            if line.discount_percent:
+                detail["DiscountRate"] = line.discount_percent
+            lines.append({"DetailType": "SalesItemLineDetail", "Amount": amount, "Description": line.description,
+                          "SalesItemLineDetail": detail})
+        return {"CustomerRef": {"value": customer["Id"]}, "CurrencyRef": {"value": doc.currency},
+                "TxnDate": doc.issue_date.isoformat(), "GlobalTaxCalculation": "TaxExcluded", "Line": lines}
+
+    def _history_expense(self, expense: HistoryExpense) -> None:
+        if expense.currency not in self.currencies:
+            self.currencies = (*self.currencies, expense.currency)
+        account = self._expense_account(expense.account_code)
+        body: dict[str, Any] = {
+            "TxnDate": expense.date.isoformat(), "CurrencyRef": {"value": expense.currency},
+            "PrivateNote": expense.id,
+            "Line": [{"DetailType": "AccountBasedExpenseLineDetail", "Amount": expense.net,
+                      "Description": expense.description,
+                      "AccountBasedExpenseLineDetail": {"AccountRef": {"value": account["Id"]}}}],
+        }
+        if expense.account_code.startswith("64"):  # personnel costs: paid from the bank, no supplier bill
+            self._new_purchase({**body, "PaymentType": "Check", "AccountRef": {"value": "4"}})
+            return
+        vendor = self._history_vendor()
+        self._new_bill({**body, "VendorRef": {"value": vendor["Id"]},
+                        "DueDate": (expense.date + dt.timedelta(days=30)).isoformat()})
+
+    def _profile_for(self, customer_id: str) -> Any:
+        """The payer profile of a customer: by the customer written with the history, else by its name."""
+        company = self._history_customers.get(customer_id)
+        if company is None:
+            customer = self._customers.get(customer_id) or {}
+            for name in (customer.get("CompanyName"), customer.get("DisplayName")):
+                if isinstance(name, str) and name.casefold() in self._history_names:
+                    company = self._history_names[name.casefold()]
+                    break
+        return self._history_profiles.get(company) if company is not None else None
+
+    def settle(self, today: dt.date) -> int:
+        """Pay the open invoices as their customers would: the payments of
+        :func:`~connectors.seedhistory.payment_plan` dated up to ``today`` that have not been made yet (each planned
+        payment once, at most what the invoice still owes), dated as planned. The plan of an invoice of the history
+        is drawn for its history id, and only its payments planned after the history's today are made (up to that
+        day the history has said what was paid); the plan of any other invoice is drawn for its Id. Returns the
+        number of payments made."""
+        made = 0
+        with self.lock:
+            for inv in sorted(self._invoices.values(), key=lambda r: int(r["Id"])):
+                if inv["_status"] != "active" or inv["Balance"] <= 0 or inv["TotalAmt"] <= 0:
+                    continue
+                issue = dt.date.fromisoformat(inv["TxnDate"])
+                if issue > today:
+                    continue
+                key, decided = self._history_keys.get(inv["Id"], (inv["Id"], None))
+                plan = seedhistory.payment_plan(self._profile_for(inv["CustomerRef"]["value"]), key, issue,
+                                                dt.date.fromisoformat(inv["DueDate"]), inv["TotalAmt"],
+                                                inv["CurrencyRef"]["value"])
+                done = self._settled.get(inv["Id"], 0)
+                for index, (day, amount) in enumerate(plan):
+                    if index < done:
+                        continue
+                    if day > today:
+                        break
+                    pay = min(amount, Decimal(inv["Balance"]))
+                    if decided is not None and day <= decided:
+                        pay = Decimal(0)  # the history has said what was paid up to its today
+                    if pay > 0:
+                        self._new_payment({
+                            "CustomerRef": {"value": inv["CustomerRef"]["value"]}, "TotalAmt": pay,
+                            "CurrencyRef": {"value": inv["CurrencyRef"]["value"]}, "TxnDate": day.isoformat(),
+                            "Line": [{"Amount": pay, "LinkedTxn": [{"TxnId": inv["Id"], "TxnType": "Invoice"}]}]})
+                        made += 1
+                    done = index + 1
+                self._settled[inv["Id"]] = done
+        return made
+
     def stats(self) -> dict[str, Any]:
         base = super().stats()
         with self.lock:
@@ -1364,6 +2007,9 @@ class QuickBooksSandbox(SandboxApp):
                 invoices=sum(1 for i in self._invoices.values() if i["_status"] != "deleted"),
                 customers=len(self._customers),
                 payments=len(self._payments),
+                credit_memos=sum(1 for m in self._credit_memos.values() if m["_status"] != "deleted"),
+                purchases=len(self._purchases),
+                bills=len(self._bills),
                 refresh_calls=self.refresh_calls,
                 refresh_rejected=self.refresh_rejected,
                 requestid_replays=self.requestid_replays,

@@ -54,6 +54,9 @@ class QuickBooksSettings(LedgerSettings):
         default=None, description="Item (Name or Sku) for invoice lines that carry no item code"
     )
     use_cdc: bool = Field(default=True, description="Read recent changes through change data capture")
+    app_url: str = Field(default="https://app.qbo.intuit.com",
+                         description="QuickBooks web app where a person opens an invoice (sandbox companies: "
+                                     "https://app.sandbox.qbo.intuit.com)")
 
     @property
     def api_url(self) -> str:

@@ -17,11 +17,14 @@ import re
 from typing import Any
 
 from connectors import jsonwire
+from connectors.domain import Customer
 
 __all__ = [
     "DOC_NUMBER_MAX",
     "NUMBER_TAG",
     "REFERENCE_TAG",
+    "customer_body",
+    "display_name",
     "doc_number",
     "dumps",
     "loads",
@@ -32,6 +35,7 @@ __all__ = [
 ]
 
 DOC_NUMBER_MAX = 21
+DISPLAY_NAME_MAX = 100
 #: The line of an invoice's ``PrivateNote`` that carries the full LedgerBridge reference.
 REFERENCE_TAG = "LedgerBridge reference: "
 #: The line of a customer's ``Notes`` that carries the external (CRM) number.
@@ -104,3 +108,37 @@ def note_value(note: Any, tag: str) -> str | None:
         if m.group("tag").strip().lower() == wanted:
             return m.group("value")
     return None
+
+
+def display_name(text: str) -> str:
+    """``text`` as a customer ``DisplayName``: one line, at most 100 characters, no colon (a colon separates the
+    levels of a fully qualified name, ``Parent:Job``)."""
+    return " ".join(text.replace(":", " -").split())[:DISPLAY_NAME_MAX].strip()
+
+
+def customer_body(customer: Customer, name: str, number: str | None = None) -> dict[str, Any]:
+    """The ``POST /customer`` body for ``customer`` under the DisplayName ``name``; ``number`` (the external
+    number) goes on a line of ``Notes``, with the SIRET (or SIREN) on the next."""
+    notes = [f"{NUMBER_TAG}{number}"] if number else []
+    if customer.siret:
+        notes.append(f"SIRET: {customer.siret}")
+    elif customer.siren:
+        notes.append(f"SIREN: {customer.siren}")
+    body: dict[str, Any] = {"DisplayName": name, "CompanyName": customer.name.strip()[:100] or name}
+    if notes:
+        body["Notes"] = "\n".join(notes)
+    if customer.email:
+        body["PrimaryEmailAddr"] = {"Address": customer.email}
+    if customer.domain:
+        body["WebAddr"] = {"URI": f"https://{customer.domain}"}
+    if customer.vat_number:
+        body["PrimaryTaxIdentifier"] = customer.vat_number[:20]
+    if customer.currency:
+        body["CurrencyRef"] = {"value": customer.currency}
+    address = customer.address
+    fields = {"Line1": address.line1, "Line2": address.line2, "City": address.city,
+              "PostalCode": address.postal_code, "CountrySubDivisionCode": address.region,
+              "Country": address.country or customer.country}
+    if any(fields.values()):
+        body["BillAddr"] = {k: v for k, v in fields.items() if v}
+    return body

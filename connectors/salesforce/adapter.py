@@ -20,10 +20,17 @@ Pulling changed deals
     cursor) are handed out first, as ``Deal(archived=True)``, in a page without a cursor. The engine flags a
     deleted deal that was invoiced.
 
-Won deals are hydrated with batched ``IN`` queries (at most 300 ids each): their accounts, and their lines: the
-synced quote's QuoteLineItems when the customer accepted that quote (``SyncedQuote.Status`` in
-``quote_accepted_statuses``), else the OpportunityLineItems. SKUs are ``Product2.ProductCode``; tax rates are
-read from the configured custom fields.
+Deals are hydrated with batched ``IN`` queries (at most 300 ids each): every live deal's account (open and lost
+deals get theirs from the same queries), and the won deals' lines: the synced quote's QuoteLineItems when the
+customer accepted that quote (``SyncedQuote.Status`` in ``quote_accepted_statuses``), else the
+OpportunityLineItems. SKUs are ``Product2.ProductCode``; tax rates are read from the configured custom fields. A
+deal's ``probability`` is ``Probability`` / 100 (1 once won, 0 once lost), ``created_at`` its ``CreatedDate``;
+the customer's ``created_at`` and ``acquisition_source`` are the account's ``CreatedDate`` and ``AccountSource``.
+
+Activity counts come from two aggregate queries per 200 opportunities, ``SELECT WhatId, TaskSubtype, Type,
+COUNT(Id) n FROM Task ... GROUP BY WhatId, TaskSubtype, Type`` and the same on Event (meetings), through
+``queryAll``: Salesforce archives activities a year old and ``query`` no longer returns archived ones. A Task is
+a call or an e-mail by its ``TaskSubtype`` (by its ``Type`` when the subtype is the generic Task), else a task.
 
 Writes go through sObject Collections (``PATCH composite/sobjects``, 200 records per call, ``allOrNone=false``):
 each record succeeds or fails on its own. A call Salesforce refuses as a whole (a value it cannot parse) is
@@ -71,6 +78,7 @@ log = structlog.get_logger("ledgerbridge.salesforce")
 T = TypeVar("T")
 
 _IN_CHUNK = 300  # ids per IN (...) list: about 6,300 characters of URL
+_ACTIVITY_CHUNK = 200  # opportunities per activity count query: a few hundred groups, well under 2,000
 _COLLECTION = 200  # records per sObject Collections call
 #: Codes of a call refused as a whole because of one record's value.
 _VALUE_ERRORS = frozenset({"JSON_PARSER_ERROR", "INVALID_TYPE_ON_FIELD_IN_RECORD", "STRING_TOO_LONG",
@@ -119,6 +127,32 @@ def _source(value: str | None) -> str | None:
         return None
     key = re.sub(r"[^a-z0-9]+", "_", value.strip().lower()).strip("_")
     return key or None
+
+
+def _probability(r: SfRecord) -> Decimal | None:
+    """The opportunity's chance of winning on the 0..1 scale: 1 once won, 0 once lost, else ``Probability`` / 100."""
+    if r.flag("IsWon"):
+        return Decimal(1)
+    if r.flag("IsClosed"):
+        return Decimal(0)
+    percent = r.decimal("Probability")
+    if percent is None:
+        return None
+    return min(max(percent / 100, Decimal(0)), Decimal(1)).quantize(Decimal("0.0001")).normalize()
+
+
+def _task_kind(r: SfRecord) -> str:
+    """The kind of activity a Task records: its ``TaskSubtype`` (Call, Email, ListEmail), else its ``Type``."""
+    subtype = (r.text("TaskSubtype") or "").casefold()
+    if subtype == "call":
+        return "call"
+    if subtype in ("email", "listemail"):
+        return "email"
+    if subtype in ("", "task"):
+        kind = (r.text("Type") or "").casefold()
+        if kind in ("call", "email", "meeting"):
+            return kind
+    return "task"
 
 
 def _domain(website: str | None) -> str | None:
@@ -170,10 +204,12 @@ class SalesforceSource(CrmSource):
         product_tax = f"Product2.{s.product_tax_rate_field}" if s.product_tax_rate_field else None
         quote_fields = ("SyncedQuoteId", "SyncedQuote.Status") if s.quotes_enabled else ()
         self._opp_fields = self._fields(
-            "Id", "Name", "AccountId", "StageName", "IsWon", "IsClosed", "IsDeleted", "Amount", "CloseDate",
-            "OwnerId", "Owner.Email", "LeadSource", *quote_fields, "SystemModstamp", s.currency_field)
+            "Id", "Name", "AccountId", "StageName", "IsWon", "IsClosed", "IsDeleted", "Amount", "Probability",
+            "CloseDate", "OwnerId", "Owner.Email", "LeadSource", *quote_fields, "CreatedDate", "SystemModstamp",
+            s.currency_field)
         self._account_fields = self._fields(
-            "Id", "Name", "Website", "BillingAddress", "AccountSource", "SystemModstamp", s.customer_currency_field,
+            "Id", "Name", "Website", "BillingAddress", "AccountSource", "CreatedDate", "SystemModstamp",
+            s.customer_currency_field,
             s.vat_number_field, s.siren_field, s.siret_field, s.email_field)
         line_common = ("Id", "Product2Id", "Product2.ProductCode", "Product2.Name", "PricebookEntry.ProductCode",
                        "PricebookEntry.Name", "Description", "Quantity", "UnitPrice", "Discount", "SortOrder",
@@ -264,6 +300,7 @@ class SalesforceSource(CrmSource):
             address=Address(line1=street[0] if street else None, line2=", ".join(street[1:]) or None,
                             city=part("city"), postal_code=part("postalCode"), region=part("state"), country=country),
             acquisition_source=_source(a.text("AccountSource")),
+            created_at=parse_datetime(a.get("CreatedDate")),
             updated_at=parse_datetime(a.get("SystemModstamp")),
         )
 
@@ -275,12 +312,14 @@ class SalesforceSource(CrmSource):
         return quote if quote and status and status.casefold() in self._accepted else None
 
     def _hydrate(self, records: Sequence[SfRecord]) -> dict[str, _Hydrated]:
-        """Customer, invoice lines, their source and the accepted quote of each won, live opportunity."""
-        won = [r for r in records if r.flag("IsWon") and not r.flag("IsDeleted")]
-        if not won:
+        """The customer of each live opportunity; for the won ones also the invoice lines, their source and the
+        accepted quote. The accounts of a whole batch come in the same ``IN`` queries, open and lost deals' too."""
+        live = [r for r in records if not r.flag("IsDeleted")]
+        if not live:
             return {}
+        won = [r for r in live if r.flag("IsWon")]
         s = self.settings
-        account_ids = [str(r.get("AccountId")) for r in won if r.text("AccountId")]
+        account_ids = [str(r.get("AccountId")) for r in live if r.text("AccountId")]
         accounts = {a.id: a for a in self._by_ids("Account", self._account_fields, account_ids)}
         quotes = {r.id: q for r in won if (q := self._accepted_quote(r))}
         quote_lines = self._lines(self._by_ids("QuoteLineItem", self._qli_fields, quotes.values(), key="QuoteId",
@@ -291,10 +330,12 @@ class SalesforceSource(CrmSource):
                                              order="OpportunityId, Id"),
                                 "OpportunityId", s.line_tax_rate_field) if plain else {}
         out: dict[str, _Hydrated] = {}
-        for r in won:
+        for r in live:
             account = accounts.get(r.text("AccountId") or "")
             customer = self._customer(account) if account is not None else None
-            if r.id in quotes:
+            if not r.flag("IsWon"):
+                out[r.id] = (customer, [], "deal", None)
+            elif r.id in quotes:
                 out[r.id] = (customer, quote_lines.get(quotes[r.id], []), "quote", quotes[r.id])
             else:
                 out[r.id] = (customer, opp_lines.get(r.id, []), "deal", None)
@@ -312,7 +353,9 @@ class SalesforceSource(CrmSource):
         return Deal(
             crm_id=r.id, name=r.text("Name") or f"Salesforce opportunity {r.id}", amount=r.decimal("Amount"),
             currency=currency, stage=r.text("StageName"), is_won=r.flag("IsWon"),
-            close_date=parse_date(r.get("CloseDate")), owner=r.text("Owner.Email") or r.text("OwnerId"),
+            is_closed=r.flag("IsWon") or r.flag("IsClosed"), probability=_probability(r),
+            created_at=parse_datetime(r.get("CreatedDate")), close_date=parse_date(r.get("CloseDate")),
+            owner=r.text("Owner.Email") or r.text("OwnerId"),
             acquisition_source=_source(r.text("LeadSource")), customer=customer, line_items=lines,
             lines_source=source, quote_id=quote_id, updated_at=updated, archived=r.flag("IsDeleted"),
         )
@@ -418,6 +461,52 @@ class SalesforceSource(CrmSource):
         records = {r.id: r for r in self._by_ids("Opportunity", self._opp_fields, list(wanted), include_deleted=True)}
         deals = {d.crm_id: d for d in self._deals([records[i] for i in wanted if i in records])}
         return [deals[i] for i in wanted if i in deals]
+
+    def activity_counts(self, deal_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Tasks and Events on each opportunity, counted by kind with two aggregate queries per 200 opportunities.
+
+        ``queryAll`` because Salesforce archives activities after a year and ``query`` leaves archived ones out;
+        deleted ones are filtered out by ``IsDeleted``. Keys are the ids as asked; unknown ids are absent.
+        """
+        wanted: dict[str, str] = {}
+        for raw in deal_ids:
+            text = str(raw).strip()
+            if is_salesforce_id(text, "006"):
+                wanted.setdefault(to_18(text[:15]), text)
+        out: dict[str, dict[str, int]] = {}
+        for chunk in _chunks(list(wanted), _ACTIVITY_CHUNK):
+            self._count_activities(list(chunk), wanted, out)
+        return out
+
+    def _count_activities(self, ids: list[str], wanted: Mapping[str, str], out: dict[str, dict[str, int]]) -> None:
+        listed = ", ".join(soql_quote(i) for i in ids)
+        where = f"WHERE WhatId IN ({listed}) AND IsDeleted = false"
+        # SOQL built from fixed field lists and quoted, escaped ids.
+        queries: tuple[tuple[str, Callable[[SfRecord], str]], ...] = (
+            (f"SELECT WhatId, TaskSubtype, Type, COUNT(Id) n FROM Task {where} "  # noqa: S608
+             "GROUP BY WhatId, TaskSubtype, Type", _task_kind),
+            (f"SELECT WhatId, COUNT(Id) n FROM Event {where} GROUP BY WhatId", lambda _row: "meeting"),  # noqa: S608
+        )
+        try:
+            rows = [(row, kind_of) for soql, kind_of in queries
+                    for row in self.client.query_all(soql, include_deleted=True)]
+        except VendorError as exc:
+            if exc.code != "EXCEEDED_ID_LIMIT" or len(ids) < 2:
+                raise
+            # More groups than one aggregate answer holds (2,000): count each half on its own.
+            mid = len(ids) // 2
+            self._count_activities(ids[:mid], wanted, out)
+            self._count_activities(ids[mid:], wanted, out)
+            return
+        for row, kind_of in rows:
+            what = row.text("WhatId") or ""
+            key = wanted.get(to_18(what[:15])) if is_salesforce_id(what) else None
+            n = int(row.decimal("n") or 0)
+            if key is None or n <= 0:
+                continue
+            counts = out.setdefault(key, {})
+            kind = kind_of(row)
+            counts[kind] = counts.get(kind, 0) + n
 
     def ensure_fields(self, object_type: Literal["deal", "customer"], fields: Sequence[FieldSpec]) -> None:
         sobject = _OBJECTS[object_type]

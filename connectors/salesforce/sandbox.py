@@ -10,9 +10,14 @@ slash is accepted everywhere):
   (``Account.Name``, ``SyncedQuote.Status``, ``PricebookEntry.Product2.ProductCode``), child subqueries
   (``(SELECT ... FROM OpportunityLineItems)``) and ``COUNT()``; ``FROM``; ``WHERE`` with ``AND``/``OR``/``NOT``
   and parentheses, ``= != <> < > <= >=``, ``IN``/``NOT IN``, ``LIKE`` (case-insensitive), unquoted datetime and
-  date literals (a quoted one is refused, as Salesforce does), ``true``/``false``/``null``; ``ORDER BY``
-  several fields with ``ASC``/``DESC`` and ``NULLS FIRST``/``LAST``; ``LIMIT``; ``OFFSET``. ``query`` leaves
-  deleted records out, ``queryAll`` returns them with ``IsDeleted = true``.
+  date literals (a quoted one is refused, as Salesforce does), ``true``/``false``/``null``; ``GROUP BY`` with
+  ``COUNT(field)`` and ``COUNT_DISTINCT(field)`` and aliases (``AggregateResult`` rows, unaliased aggregates
+  named ``expr0``...; every field selected must be grouped; all rows in one batch, more than 2,000 answer
+  ``EXCEEDED_ID_LIMIT`` as aggregate queries cannot be continued); ``ORDER BY`` several fields with
+  ``ASC``/``DESC`` and ``NULLS FIRST``/``LAST``; ``LIMIT``; ``OFFSET``. ``query`` leaves deleted records out,
+  ``queryAll`` returns them with ``IsDeleted = true``. Activities are archived once a year old (closed tasks
+  by their due date, events by their end): ``query`` leaves archived ones out, ``queryAll`` returns them with
+  ``IsArchived = true``, as Salesforce does.
 - sObjects: get (``?fields=``), create (201 ``{id, success, errors}``), update (``PATCH`` -> 204), upsert by an
   external id (201 created / 200 updated / 300 several matches), delete (204), get by external id, basic info,
   ``describe``, the global ``sobjects`` list, ``updated/`` and ``deleted/`` (``?start=&end=``, seconds ignored,
@@ -36,12 +41,12 @@ answer carries ``Sforce-Limit-Info: api-usage=N/MAX`` and, once ``daily_limit`` 
 use Salesforce's bodies; an injected 429 (which Salesforce itself does not send) carries ``Retry-After``.
 
 Objects: User, Account, Opportunity, OpportunityLineItem, Product2, Pricebook2, PricebookEntry, Quote,
-QuoteLineItem, OpportunityStage, PermissionSet and FieldPermissions, with 18-character ids and their key
-prefixes (001, 006, 00k, 01t, 01s, 01u, 0Q0, 0QL, 01J, 005, 0PS, 01k). ``IsWon``/``IsClosed`` derive from the
-stage's OpportunityStage record; every write sets ``SystemModstamp`` from the sandbox clock (a delete too: the
-delete log's ``deletedDate`` comes from it); line items roll up into ``Amount``; a quote becomes the synced quote
-when the opportunity's ``SyncedQuoteId`` is set, and its line items then replace the opportunity's, as Salesforce
-quote syncing does.
+QuoteLineItem, OpportunityStage, Task, Event, PermissionSet and FieldPermissions, with 18-character ids and
+their key prefixes (001, 006, 00k, 01t, 01s, 01u, 0Q0, 0QL, 01J, 00T, 00U, 005, 0PS, 01k). ``IsWon``/``IsClosed``
+derive from the stage's OpportunityStage record, and so does ``Probability`` (percent) unless set; every write sets
+``SystemModstamp`` from the sandbox clock (a delete too: the delete log's ``deletedDate`` comes from it); line
+items roll up into ``Amount``; a quote becomes the synced quote when the opportunity's ``SyncedQuoteId`` is set,
+and its line items then replace the opportunity's, as Salesforce quote syncing does.
 
 :meth:`SalesforceSandbox.load_book` loads the seed book: companies become Accounts (custom fields
 ``VAT_Number__c``, ``SIREN__c``, ``SIRET__c``, ``Billing_Email__c``; ``CurrencyIsoCode``; ``AccountSource``),
@@ -49,7 +54,10 @@ products Product2 records with standard price book entries in EUR and USD, deals
 the deals follow a French sales process whose won stage is "Signé" (and whose lost stage is "Perdu"); some open
 deals sit in "Verbal Won", a stage that is neither won nor closed. A deal whose quote the customer accepted has
 that Quote (Status "Accepted") synced, so its line items mirror the quote's; sent, draft and refused quotes exist
-but are not synced. Line items carry ``Tax_Rate__c``. Records keep the book id in ``LB_Book_Id__c``.
+but are not synced. Line items carry ``Tax_Rate__c``. Records keep the book id in ``LB_Book_Id__c``. Each
+deal's sales activities (:meth:`connectors.seedbook.Book.activities`) hang off its opportunity (``WhatId``):
+calls and e-mails as completed Tasks with ``TaskSubtype`` Call or Email, tasks with ``TaskSubtype`` Task,
+meetings as Events.
 """
 
 from __future__ import annotations
@@ -222,6 +230,13 @@ _BOOK_STAGES = {
                        "negotiation": "Négociation", "won": "Signé", "lost": "Perdu"},
 }
 _QUOTE_STATUS = {"accepted": "Accepted", "sent": "Presented", "draft": "Draft", "rejected": "Denied"}
+# Activities (Task and Event): the standard picklists of a Sales Cloud org.
+_TASK_STATUSES = ("Not Started", "In Progress", "Completed", "Waiting on someone else", "Deferred")
+_TASK_SUBTYPES = ("Task", "Email", "ListEmail", "Cadence", "Call", "LinkedIn")
+_ACTIVITY_TYPES = ("Call", "Email", "Meeting", "Other")
+#: Closed tasks due, and events that ended, more than this long ago are archived: ``query`` leaves them out,
+#: ``queryAll`` returns them (with ``IsArchived = true``).
+_ARCHIVE_AFTER = dt.timedelta(days=365)
 _QUOTE_STATUSES = ("Draft", "Needs Review", "In Review", "Approved", "Rejected", "Presented", "Accepted", "Denied")
 _SOURCES = ("Web", "Phone Inquiry", "Partner Referral", "Purchased List", "Other", "Organic Search", "Paid Search",
             "Email Marketing", "Social Media", "Referrals", "Direct Traffic", "Offline", "Paid Social",
@@ -366,6 +381,38 @@ def _base_schema() -> dict[str, _Obj]:
             _F("Description", "string", "Line Item Description", 255), _F("SortOrder", "int", "Sort Order"),
             _F("ServiceDate", "date", "Date"), tax, cur_ro,
         ]),
+        "Task": ("Task", "00T", [
+            _F("Subject", "string", "Subject", 255), _F("Description", "textarea", "Comments", 32000),
+            _F("WhatId", "reference", "Related To ID", 18, ref=("Opportunity", "Account", "Quote"), rel="What"),
+            _F("AccountId", "reference", "Account ID", 18, ref=("Account",), rel="Account", **ro),
+            _F("ActivityDate", "date", "Due Date Only"),
+            _F("Status", "picklist", "Status", 40, picklist=_TASK_STATUSES),  # defaults: Not Started, Normal
+            _F("Priority", "picklist", "Priority", 40, picklist=("High", "Normal", "Low")),
+            _F("IsClosed", "boolean", "Closed", **ro),
+            _F("TaskSubtype", "picklist", "Task Subtype", 40, picklist=_TASK_SUBTYPES, restricted=True,
+               **create_only),
+            _F("Type", "picklist", "Type", 40, picklist=_ACTIVITY_TYPES),
+            _F("CallType", "picklist", "Call Type", 40, picklist=("Internal", "Inbound", "Outbound")),
+            _F("CallDurationInSeconds", "int", "Call Duration"),
+            _F("CompletedDateTime", "datetime", "Completed Date/Time", **ro),
+            _F("IsArchived", "boolean", "Archived", **ro),
+            _F("OwnerId", "reference", "Assigned To ID", 18, ref=("User",), rel="Owner"),
+        ]),
+        "Event": ("Event", "00U", [
+            _F("Subject", "string", "Subject", 255), _F("Description", "textarea", "Description", 32000),
+            _F("WhatId", "reference", "Related To ID", 18, ref=("Opportunity", "Account", "Quote"), rel="What"),
+            _F("AccountId", "reference", "Account ID", 18, ref=("Account",), rel="Account", **ro),
+            _F("ActivityDateTime", "datetime", "Due Date Time"), _F("ActivityDate", "date", "Due Date Only", **ro),
+            _F("StartDateTime", "datetime", "Start Date Time"), _F("EndDateTime", "datetime", "End Date Time"),
+            _F("DurationInMinutes", "int", "Duration"), _F("IsAllDayEvent", "boolean", "All-Day Event"),
+            _F("EventSubtype", "picklist", "Event Subtype", 40, picklist=("Event",), restricted=True,
+               **create_only),
+            _F("Type", "picklist", "Type", 40, picklist=_ACTIVITY_TYPES),
+            _F("Location", "string", "Location", 255),
+            _F("ShowAs", "picklist", "Show Time As", 40, picklist=("Busy", "OutOfOffice", "Free")),
+            _F("IsArchived", "boolean", "Archived", **ro),
+            _F("OwnerId", "reference", "Assigned To ID", 18, ref=("User",), rel="Owner"),
+        ]),
         "PermissionSet": ("Permission Set", "0PS", [
             _F("Name", "string", "Name", 80, nillable=False), _F("Label", "string", "Label", 80, nillable=False),
             _F("IsOwnedByProfile", "boolean", "Is Owned by Profile", **ro),
@@ -394,6 +441,8 @@ def _base_schema() -> dict[str, _Obj]:
     schema["Opportunity"].children += [("OpportunityLineItems", "OpportunityLineItem", "OpportunityId"),
                                        ("Quotes", "Quote", "OpportunityId")]
     schema["Quote"].children.append(("QuoteLineItems", "QuoteLineItem", "QuoteId"))
+    for name in ("Opportunity", "Account"):
+        schema[name].children += [("Tasks", "Task", "WhatId"), ("Events", "Event", "WhatId")]
     schema["Pricebook2"].children.append(("PricebookEntries", "PricebookEntry", "Pricebook2Id"))
     schema["Product2"].children.append(("PricebookEntries", "PricebookEntry", "Product2Id"))
     return schema
@@ -451,15 +500,37 @@ class _Lit:
     value: Any
 
 
+@dataclass(frozen=True)
+class _Agg:
+    """An aggregate function in a SELECT list: ``COUNT(Id) n``."""
+
+    func: str  # COUNT | COUNT_DISTINCT
+    path: str
+    alias: str | None
+
+
 @dataclass
 class _Query:
     obj: str
-    fields: list[Any]  # list[str] paths or nested _Query (child subquery, obj = relationship name)
+    fields: list[Any]  # str paths, nested _Query (child subquery, obj = relationship name) or _Agg
     where: Any = None
     order: list[tuple[str, bool, bool]] = field(default_factory=list)  # (path, descending, nulls first)
     limit: int | None = None
     offset: int | None = None
     count: bool = False
+    group_by: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # field path -> alias (aggregate queries)
+
+    @property
+    def aggregate(self) -> bool:
+        return bool(self.group_by) or any(isinstance(f, _Agg) for f in self.fields)
+
+
+#: The SELECT-list aggregate functions the sandbox computes.
+_AGGREGATES = ("COUNT", "COUNT_DISTINCT")
+#: Field types SOQL cannot group by.
+_UNGROUPABLE = frozenset({"textarea", "address", "datetime", "currency", "double", "percent"})
+_CLAUSE_WORDS = frozenset({"FROM", "WHERE", "GROUP", "ORDER", "LIMIT", "OFFSET"})
 
 
 def _malformed(message: str) -> _Err:
@@ -509,31 +580,57 @@ class _Parser:
             raise _malformed(f"expecting a field or object name, found '{text or 'end of query'}'")
         return text
 
+    def alias(self) -> str | None:
+        """An alias after a SELECT item (``COUNT(Id) n``), when one follows."""
+        kind, text = self.peek()
+        if kind == "word" and text.upper() not in _CLAUSE_WORDS and "." not in text:
+            self.next()
+            return text
+        return None
+
     def query(self, nested: bool = False) -> _Query:
         self.expect_word("SELECT")
         fields: list[Any] = []
+        aliases: dict[str, str] = {}
         count = False
         while True:
             if self.peek() == ("op", "("):
                 self.next()
                 fields.append(self.query(nested=True))
                 self.expect_op(")")
-            elif self.is_word("COUNT") and self.peek(1) == ("op", "("):
+            elif self.is_word("COUNT") and self.peek(1) == ("op", "(") and self.peek(2) == ("op", ")"):
                 self.next()
                 self.expect_op("(")
                 self.expect_op(")")
                 count = True
+            elif self.is_word(*_AGGREGATES) and self.peek(1) == ("op", "("):
+                func = self.next()[1].upper()
+                self.expect_op("(")
+                path = self.name()
+                self.expect_op(")")
+                fields.append(_Agg(func, path, self.alias()))
             else:
-                fields.append(self.name())
+                path = self.name()
+                fields.append(path)
+                alias = self.alias()
+                if alias is not None:
+                    aliases[path] = alias
             if self.peek() == ("op", ","):
                 self.next()
                 continue
             break
         self.expect_word("FROM")
-        q = _Query(self.name(), fields, count=count)
+        q = _Query(self.name(), fields, count=count, aliases=aliases)
         if self.is_word("WHERE"):
             self.next()
             q.where = self.disjunction()
+        if self.is_word("GROUP"):
+            self.next()
+            self.expect_word("BY")
+            q.group_by.append(self.name())
+            while self.peek() == ("op", ","):
+                self.next()
+                q.group_by.append(self.name())
         if self.is_word("ORDER"):
             self.next()
             self.expect_word("BY")
@@ -723,12 +820,12 @@ class SalesforceSandbox(SandboxApp):
             out = _BASE62[r] + out
         return out
 
-    def _new_id(self, prefix: str) -> str:
+    def _new_id(self, prefix: str, rng: random.Random | None = None) -> str:
         counter = self._counters.get(prefix)
         if counter is None:
             digest = hashlib.blake2b(f"{self.seed}:{prefix}".encode(), digest_size=4).digest()
             counter = 62 ** 6 + int.from_bytes(digest, "big") % (62 ** 7)
-        counter += 1 + self._rng.randrange(37)
+        counter += 1 + (rng or self._rng).randrange(37)
         self._counters[prefix] = counter
         return to_18(prefix + "8d0" + self._base62(counter, 9))
 
@@ -935,7 +1032,19 @@ class SalesforceSandbox(SandboxApp):
     def load(self, path: Path) -> bool:
         with self.lock:
             self._locators.clear()
-            return super().load(path)
+            schema = self._schema
+            loaded = super().load(path)
+            # State saved before an object existed here (Task, Event): it starts empty.
+            for name, obj in schema.items():
+                if name not in self._schema:
+                    self._schema[name] = obj
+                    for parent in self._schema.values():
+                        fresh = schema.get(parent.name)
+                        parent.children += [c for c in (fresh.children if fresh else []) if c[1] == name
+                                            and c not in parent.children]
+                self._data.setdefault(name, {})
+                self._book_ids.setdefault(name, {})
+            return loaded
 
     # -- record access -------------------------------------------------------------------------------
     def _obj(self, name: str) -> _Obj:
@@ -1145,6 +1254,11 @@ class SalesforceSandbox(SandboxApp):
         if q.where is not None:
             test = self._compile(obj, q.where)
             recs = [r for r in recs if test(r)]
+        if q.aggregate:
+            rows = self._aggregate(obj, q, recs)
+            return len(rows), rows
+        if q.aliases:
+            raise _malformed("Only aggregate expressions use field aliasing")
         if q.order:
             recs = self._sort(obj, recs, q.order)
         if q.offset:
@@ -1169,6 +1283,54 @@ class SalesforceSandbox(SandboxApp):
             else:
                 plan.append(("path", self._path(obj, sel)))
         return len(recs), [self._select(obj, r, plan, ver) for r in recs]
+
+    def _aggregate(self, obj: _Obj, q: _Query, recs: list[_Rec]) -> list[dict[str, Any]]:
+        """The AggregateResult rows of a ``GROUP BY`` / aggregate-function query over ``recs`` (already filtered).
+
+        Grouped fields come back under their field name (or alias), unaliased aggregates as ``expr0``,
+        ``expr1``..., as Salesforce names them; a query without ``GROUP BY`` answers one row.
+        """
+        if q.count or any(isinstance(f, _Query) for f in q.fields):
+            raise _malformed("COUNT() and relationship queries cannot be combined with GROUP BY or aggregate "
+                             "functions")
+        group_steps = [self._path(obj, g) for g in q.group_by]
+        for steps in group_steps:
+            f = steps[-1][1]
+            if f.type in _UNGROUPABLE:
+                raise _Err(400, "INVALID_FIELD", f"field '{f.name}' can not be grouped in a query call")
+        grouped = [g.lower() for g in q.group_by]
+        for sel in q.fields:
+            if isinstance(sel, str) and sel.lower() not in grouped:
+                raise _malformed(f"Field must be grouped or aggregated: {sel.rsplit('.', 1)[-1]}")
+        buckets: dict[tuple[Any, ...], list[_Rec]] = {} if group_steps else {(): []}
+        for r in recs:
+            buckets.setdefault(tuple(self._resolve(steps, r)[1] for steps in group_steps), []).append(r)
+        rows: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (sort keys by grouped path, record)
+        for key, members in buckets.items():
+            values = dict(zip(grouped, key, strict=True))
+            row: dict[str, Any] = {"attributes": {"type": "AggregateResult"}}
+            unnamed = 0
+            for sel in q.fields:
+                if isinstance(sel, str):
+                    row[q.aliases.get(sel) or self._path(obj, sel)[-1][1].name] = self._out(values[sel.lower()])
+                    continue
+                steps = self._path(obj, sel.path)
+                present = [v for r in members if (v := self._resolve(steps, r)[1]) is not None]
+                name = sel.alias or f"expr{unnamed}"
+                unnamed += sel.alias is None
+                row[name] = len(present) if sel.func == "COUNT" else len(set(present))
+            rows.append((values, row))
+        for path, desc, nulls_first in reversed(q.order):
+            if path.lower() not in grouped:
+                raise _malformed(f"Ordered field must be grouped or aggregated: {path}")
+            nulls = [vr for vr in rows if vr[0][path.lower()] is None]
+            present_rows = sorted((vr for vr in rows if vr[0][path.lower()] is not None),
+                                  key=lambda vr: vr[0][path.lower()], reverse=desc)
+            rows = nulls + present_rows if nulls_first else present_rows + nulls
+        out = [row for _, row in rows]
+        if q.offset:
+            out = out[q.offset:]
+        return out[: q.limit] if q.limit is not None else out
 
     def _select(self, obj: _Obj, rec: _Rec, plan: list[tuple[str, Any]], ver: str) -> dict[str, Any]:
         out: dict[str, Any] = {"attributes": self._attributes(obj.name, rec.id, ver)}
@@ -1211,6 +1373,13 @@ class SalesforceSandbox(SandboxApp):
                        "custom object, be sure to append the '__c' after the entity name. Please reference your WSDL "
                        "or the describe call for the appropriate names.")
         recs = [r for r in self._data[obj.name].values() if include_deleted or not r.deleted]
+        if obj.name in ("Task", "Event"):
+            # Archiving happens as time passes: query leaves archived activities out, queryAll returns them.
+            now = self._now()
+            for r in recs:
+                r.values["IsArchived"] = self._archived(r, now)
+            if not include_deleted:
+                recs = [r for r in recs if not r.values["IsArchived"]]
         return self._run(obj, q, recs, ver or f"v{self.api_version}")
 
     # -- query handlers ------------------------------------------------------------------------------
@@ -1238,6 +1407,11 @@ class SalesforceSandbox(SandboxApp):
             raise _malformed("A query string has to be specified")
         ver = req.params["ver"]
         total, rows = self.execute(soql, include_deleted=req.path.rstrip("/").endswith("queryAll"), ver=ver)
+        if rows and rows[0]["attributes"].get("type") == "AggregateResult":
+            if len(rows) > _MAX_BATCH:
+                raise _Err(400, "EXCEEDED_ID_LIMIT", "Aggregate query does not support queryMore(), use LIMIT to "
+                           "restrict the results to a single batch")
+            return self._json(200, {"totalSize": total, "done": True, "records": rows})
         batch = self._batch_size(req)
         if len(rows) <= batch:
             return self._json(200, {"totalSize": total, "done": True, "records": rows})
@@ -1526,10 +1700,10 @@ class SalesforceSandbox(SandboxApp):
 
     # -- writes: applying ----------------------------------------------------------------------------
     def _insert(self, obj_name: str, values: Mapping[str, Any], created: dt.datetime, modified: dt.datetime,
-                *, by: str | None = None) -> _Rec:
+                *, by: str | None = None, ids: random.Random | None = None) -> _Rec:
         """Store a new record with explicit system times (seeding) and derive its calculated fields."""
         obj = self._schema[obj_name]
-        rid = self._new_id(obj.prefix)
+        rid = self._new_id(obj.prefix, ids)
         user = by or getattr(self, "_integration_user", None) or rid
         rec = _Rec(rid, obj_name, {f.name: None for f in obj.fields.values() if f.type != "address"})
         rec.values.update(values)
@@ -1605,6 +1779,45 @@ class SalesforceSandbox(SandboxApp):
             v["LineItemCount"] = len(lines)
         elif rec.type == "User":
             v["Name"] = " ".join(p for p in (v.get("FirstName"), v.get("LastName")) if p)
+        elif rec.type in ("Task", "Event"):
+            self._derive_activity(rec)
+
+    def _derive_activity(self, rec: _Rec) -> None:
+        """A Task's or an Event's calculated fields: account, closed, times, subtype, archived."""
+        v = rec.values
+        what = self._find(v.get("WhatId") or "")
+        if what is not None:
+            v["AccountId"] = what.id if what.type == "Account" else what.values.get("AccountId")
+        if rec.type == "Task":
+            v["Status"] = v.get("Status") or "Not Started"
+            v["Priority"] = v.get("Priority") or "Normal"
+            v["TaskSubtype"] = v.get("TaskSubtype") or "Task"
+            v["IsClosed"] = v["Status"] == "Completed"
+            if v["IsClosed"] and v.get("CompletedDateTime") is None:
+                v["CompletedDateTime"] = v.get("LastModifiedDate")
+            elif not v["IsClosed"]:
+                v["CompletedDateTime"] = None
+        else:
+            v["EventSubtype"] = v.get("EventSubtype") or "Event"
+            start = v.get("ActivityDateTime") or v.get("StartDateTime")
+            if start is not None:
+                v["ActivityDateTime"] = v["StartDateTime"] = start
+                v["ActivityDate"] = start.date()
+                if v.get("DurationInMinutes") is not None:
+                    v["EndDateTime"] = start + dt.timedelta(minutes=int(v["DurationInMinutes"]))
+                elif v.get("EndDateTime") is not None:
+                    v["DurationInMinutes"] = int((v["EndDateTime"] - start).total_seconds() // 60)
+        v["IsArchived"] = self._archived(rec, self._now())
+
+    @staticmethod
+    def _archived(rec: _Rec, now: dt.datetime) -> bool:
+        """Salesforce archives closed tasks due, and events that ended, more than 365 days ago."""
+        v = rec.values
+        if rec.type == "Task":
+            due = v.get("ActivityDate") or v["CreatedDate"].date()
+            return bool(v.get("IsClosed")) and due < (now - _ARCHIVE_AFTER).date()
+        end = v.get("EndDateTime") or v.get("ActivityDateTime")
+        return end is not None and end < now - _ARCHIVE_AFTER
 
     def _lines_of(self, opp_id: str) -> list[_Rec]:
         return [r for r in self._data["OpportunityLineItem"].values()
@@ -2094,6 +2307,30 @@ class SalesforceSandbox(SandboxApp):
                     self._derive(quote)
                 self._rollup(opp, None)
                 self._derive(opp)
+            self._seed_activities(book, owners)
+
+    def _seed_activities(self, book: Book, owners: Mapping[str, str]) -> None:
+        """Every deal's sales activities (:meth:`Book.activities`) on its opportunity: calls and e-mails are logged
+        Tasks (``TaskSubtype`` Call or Email), tasks are Tasks, meetings are Events; all done, as they are past.
+
+        Their ids come from a random stream of their own, so that seeding them moves no other record's id.
+        """
+        ids = random.Random(f"salesforce-activities-{self.seed}")
+        opps = self._book_ids["Opportunity"]
+        for d in book.deals:
+            for a in book.activities(d):
+                common = {"WhatId": opps[d.id], "Subject": a.subject, "OwnerId": owners[d.owner]}
+                if a.kind == "meeting":
+                    values: dict[str, Any] = {**common, "ActivityDateTime": _ms(a.at), "Type": "Meeting",
+                                              "DurationInMinutes": a.duration_minutes, "ShowAs": "Busy"}
+                    self._insert("Event", values, a.at, a.at, ids=ids)
+                    continue
+                values = {**common, "ActivityDate": a.at.date(), "Status": "Completed", "Priority": "Normal",
+                          "TaskSubtype": {"call": "Call", "email": "Email"}.get(a.kind, "Task"),
+                          "Type": {"call": "Call", "email": "Email"}.get(a.kind, "Other")}
+                if a.kind == "call":
+                    values.update(CallType="Outbound", CallDurationInSeconds=a.duration_minutes * 60)
+                self._insert("Task", values, a.at, a.at, ids=ids)
 
     def _seed_lines(self, obj: str, parent_field: str, parent_id: str, lines: tuple[BookLine, ...], currency: str,
                     entries: Mapping[tuple[str, str], str], at: dt.datetime) -> None:
@@ -2173,13 +2410,34 @@ class SalesforceSandbox(SandboxApp):
     def deals_snapshot(self) -> list[dict[str, Any]]:
         """Every live opportunity, in the shape of ``GET /_sandbox/deals``."""
         with self.lock:
+            activities = self._activities_by_opportunity()
             return [{
                 "id": r.id, "book_id": r.values.get("LB_Book_Id__c"), "name": r.values.get("Name"),
                 "won": bool(r.values.get("IsWon")), "closed": bool(r.values.get("IsClosed")),
                 "stage": r.values.get("StageName"),
                 "amount": format(r.values["Amount"], "f") if r.values.get("Amount") is not None else None,
-                "currency": r.values.get("CurrencyIsoCode"), "updated_at": sf_datetime(r.values["SystemModstamp"]),
+                "currency": r.values.get("CurrencyIsoCode"), "created_at": sf_datetime(r.values["CreatedDate"]),
+                "updated_at": sf_datetime(r.values["SystemModstamp"]), "activities": activities.get(r.id, {}),
             } for r in self._data["Opportunity"].values() if not r.deleted]
+
+    def _activities_by_opportunity(self) -> dict[str, dict[str, int]]:
+        """Live (not deleted; archived or not) Tasks and Events by opportunity, counted by the kind each records."""
+        out: dict[str, dict[str, int]] = {}
+        for obj in ("Task", "Event"):
+            for r in self._data[obj].values():
+                what = r.values.get("WhatId")
+                if r.deleted or not isinstance(what, str) or not what.startswith("006"):
+                    continue
+                kind = "meeting" if obj == "Event" else {"Call": "call", "Email": "email", "ListEmail": "email"}.get(
+                    str(r.values.get("TaskSubtype")), "task")
+                counts = out.setdefault(what, {})
+                counts[kind] = counts.get(kind, 0) + 1
+        return out
+
+    def activity_counts_of(self, opportunity_id: str) -> dict[str, int]:
+        """The live activities on one opportunity, counted by kind (call, meeting, email, task; zeros left out)."""
+        with self.lock:
+            return self._activities_by_opportunity().get(to_18(opportunity_id[:15]), {})
 
     def issue_session(self, username: str = DEMO_USERNAME) -> str:
         """An access token for ``username``, as if it had just logged in."""

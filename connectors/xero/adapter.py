@@ -1,4 +1,5 @@
-"""Xero as a LedgerBridge ledger: contacts, sales invoices (ACCREC) and their payments.
+"""Xero as a LedgerBridge ledger: contacts, sales invoices (ACCREC), their payments and credit notes, and the
+purchase lines (bills and spend money) booked to expense accounts.
 
 Writes are batched (up to 50 invoices in one ``PUT /Invoices?summarizeErrors=false``) and carry an
 ``Idempotency-Key``, so a write whose answer was lost is retried with the same key and the same body and
@@ -22,7 +23,7 @@ import structlog
 from pydantic import ValidationError
 
 from config.schema import ConnectorSettings
-from connectors.domain import Customer, Invoice, InvoiceLine, Payment
+from connectors.domain import CreditAllocation, CreditNote, Customer, ExpenseLine, Invoice, InvoiceLine, Payment
 from connectors.errors import ConfigError, RecordError, VendorError
 from connectors.interfaces import (
     ApiStats,
@@ -37,7 +38,7 @@ from connectors.xero import wire
 from connectors.xero.client import VENDOR, XeroClient, idempotency_key, where_any
 from connectors.xero.settings import XeroSettings
 
-__all__ = ["XeroLedger", "contact_number"]
+__all__ = ["INVOICE_URL", "XeroLedger", "contact_fields", "contact_number", "home_rate"]
 
 log = structlog.get_logger("ledgerbridge.xero")
 
@@ -50,6 +51,10 @@ _NAME_TAKEN = "already assigned to another contact"
 _CONTACT_NUMBER_MAX = 50
 _CONTACT_BATCH = 50
 _GONE = {"deleted", "voided"}
+_APPROVED = ("AUTHORISED", "PAID")
+#: Where a person opens a sales invoice in Xero's web app.
+INVOICE_URL = "https://go.xero.com/AccountsReceivable/View.aspx?InvoiceID={id}"
+_RATE_PLACES = Decimal("1e-10")
 
 
 def contact_number(external: str) -> str:
@@ -58,6 +63,45 @@ def contact_number(external: str) -> str:
         return external
     digest = hashlib.sha256(external.encode()).hexdigest()[:12]
     return f"{external[:_CONTACT_NUMBER_MAX - 13]}~{digest}"
+
+
+def home_rate(currency_rate: Any) -> Decimal | None:
+    """Home-currency units per one unit of the document's currency, from a Xero ``CurrencyRate``.
+
+    Xero quotes ``CurrencyRate`` as units of the document's currency per one unit of the organisation's base
+    currency (an NZD organisation records a USD invoice at 0.7500 when 1 NZD buys 0.75 USD; an amount in base
+    currency is the document amount divided by the rate). The spec only says "the currency rate for a
+    multicurrency invoice" and "exchange rate to base currency ... e.g. 0.7500". LedgerBridge's
+    ``exchange_rate`` is the other way round (what one unit of the document's currency is worth at home), so it
+    is the reciprocal. A missing or non-positive rate gives None.
+    """
+    rate = _dec(currency_rate)
+    if rate is None or not rate.is_finite() or rate <= 0:
+        return None
+    return (Decimal(1) / rate).quantize(_RATE_PLACES)
+
+
+def contact_fields(customer: Customer) -> dict[str, Any]:
+    """The contact fields LedgerBridge sends for ``customer`` (besides ``ContactNumber`` and ``Name``): e-mail,
+    VAT number (``TaxNumber``), company number (SIRET, else SIREN), default currency and postal address."""
+    body: dict[str, Any] = {}
+    if customer.email:
+        body["EmailAddress"] = customer.email
+    if customer.vat_number:
+        body["TaxNumber"] = customer.vat_number[:50]
+    company = customer.siret or customer.siren
+    if company:
+        body["CompanyNumber"] = company
+    if customer.currency:
+        body["DefaultCurrency"] = customer.currency
+    address = customer.address
+    fields = {
+        "AddressLine1": address.line1, "AddressLine2": address.line2, "City": address.city,
+        "PostalCode": address.postal_code, "Region": address.region, "Country": address.country or customer.country,
+    }
+    if any(fields.values()):
+        body["Addresses"] = [{"AddressType": "POBOX", **{k: v for k, v in fields.items() if v}}]
+    return body
 
 
 def _shape_error(what: str) -> VendorError:
@@ -166,24 +210,7 @@ class XeroLedger(Ledger):
 
     @staticmethod
     def _contact_body(number: str, customer: Customer, name: str) -> dict[str, Any]:
-        body: dict[str, Any] = {"ContactNumber": contact_number(number), "Name": name}
-        if customer.email:
-            body["EmailAddress"] = customer.email
-        if customer.vat_number:
-            body["TaxNumber"] = customer.vat_number[:50]
-        company = customer.siret or customer.siren
-        if company:
-            body["CompanyNumber"] = company
-        if customer.currency:
-            body["DefaultCurrency"] = customer.currency
-        address = customer.address
-        fields = {
-            "AddressLine1": address.line1, "AddressLine2": address.line2, "City": address.city,
-            "PostalCode": address.postal_code, "Region": address.region, "Country": address.country or customer.country,
-        }
-        if any(fields.values()):
-            body["Addresses"] = [{"AddressType": "POBOX", **{k: v for k, v in fields.items() if v}}]
-        return body
+        return {"ContactNumber": contact_number(number), "Name": name, **contact_fields(customer)}
 
     def create_customers(
         self, customers: Sequence[tuple[str, Customer]], idempotency_key: str
@@ -294,6 +321,7 @@ class XeroLedger(Ledger):
                 amount_due=_dec(data.get("AmountDue")),
                 updated_at=updated,
                 ledger_total=_dec(data.get("Total")),
+                exchange_rate=home_rate(data.get("CurrencyRate")),
             )
         except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
             raise _shape_error("invoice") from None
@@ -405,6 +433,10 @@ class XeroLedger(Ledger):
             for element in page:
                 yield self._invoice(element)
 
+    def invoice_url(self, invoice: Invoice) -> str | None:
+        """The invoice's page in Xero's web app (``go.xero.com``), for an invoice read from Xero."""
+        return INVOICE_URL.format(id=invoice.ledger_id) if invoice.ledger_id else None
+
     # == payments ==================================================================================
     def list_payments(self, modified_since: dt.datetime | None = None) -> Iterator[Payment]:
         params = {"where": 'PaymentType=="ACCRECPAYMENT"', "order": "UpdatedDateUTC ASC"}
@@ -434,6 +466,105 @@ class XeroLedger(Ledger):
             )
         except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
             raise _shape_error("payment") from None
+
+
+    # == credit notes ==============================================================================
+    def list_credit_notes(self, modified_since: dt.datetime | None = None) -> Iterator[CreditNote]:
+        """Sales credit notes (``ACCRECCREDIT``) changed since ``modified_since``, with their allocations."""
+        params = {"where": 'Type=="ACCRECCREDIT"', "order": "UpdatedDateUTC ASC"}
+        for page in self.client.pages("/CreditNotes", "CreditNotes", params=params, modified_since=modified_since):
+            for element in page:
+                if str(element.get("Type") or "ACCRECCREDIT").upper() == "ACCRECCREDIT":
+                    yield self._credit_note(element)
+
+    def _credit_note(self, data: Mapping[str, Any]) -> CreditNote:
+        try:
+            day = wire.parse_date(data.get("Date")) or wire.parse_date(data.get("DateString"))
+            if day is None:
+                raise _shape_error("credit note date")
+            allocations: list[CreditAllocation] = []
+            for raw in data.get("Allocations") or []:
+                invoice = raw.get("Invoice") or {}
+                applied = wire.parse_date(raw.get("Date"))
+                if raw.get("IsDeleted") or not invoice.get("InvoiceID"):
+                    continue
+                if applied is None:
+                    raise _shape_error("allocation date")
+                allocations.append(CreditAllocation(invoice_ledger_id=str(invoice["InvoiceID"]),
+                                                    amount=cast(Decimal, _dec(raw["Amount"])), date=applied))
+            contact = data.get("Contact") or {}
+            subtotal = _dec(data.get("SubTotal"))
+            total = _dec(data.get("Total"))
+            if total is None:
+                raise _shape_error("credit note total")
+            return CreditNote(
+                ledger_id=str(data["CreditNoteID"]),
+                number=str(data["CreditNoteNumber"]) if data.get("CreditNoteNumber") else None,
+                customer_ledger_id=str(contact["ContactID"]) if contact.get("ContactID") else None,
+                currency=str(data.get("CurrencyCode") or self.base_currency()),
+                issue_date=day,
+                status=_STATUSES.get(str(data.get("Status") or "").upper(), "authorised"),
+                subtotal=total - (_dec(data.get("TotalTax")) or Decimal(0)) if subtotal is None else subtotal,
+                total=total,
+                remaining=_dec_or(data.get("RemainingCredit"), Decimal(0)),
+                allocations=allocations,
+                exchange_rate=home_rate(data.get("CurrencyRate")),
+                updated_at=wire.parse_datetime(data.get("UpdatedDateUTC")),
+            )
+        except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
+            raise _shape_error("credit note") from None
+
+    # == expenses ==================================================================================
+    def list_expenses(self, account_codes: Sequence[str], start: dt.date, end: dt.date) -> Iterator[ExpenseLine]:
+        """Lines booked to ``account_codes`` of approved bills (``ACCPAY`` invoices, authorised or paid) and of
+        spend-money bank transactions, dated within ``[start, end]``; amounts before tax."""
+        codes = set(account_codes)
+        if not codes or end < start:
+            return
+        dated = (f"Date >= DateTime({start.year}, {start.month:02d}, {start.day:02d}) AND "
+                 f"Date <= DateTime({end.year}, {end.month:02d}, {end.day:02d})")
+        approved = " OR ".join(f'Status=="{status}"' for status in _APPROVED)
+        bills = {"where": f'Type=="ACCPAY" AND ({approved}) AND {dated}', "order": "Date ASC", "unitdp": 4}
+        for page in self.client.pages("/Invoices", "Invoices", params=bills):
+            for element in page:
+                if element.get("Type") == "ACCPAY" and element.get("Status") in _APPROVED:
+                    yield from self._expense_lines(element, "InvoiceID", codes, start, end)
+        spends = {"where": f'Type=="SPEND" AND Status=="AUTHORISED" AND {dated}', "order": "Date ASC"}
+        for page in self.client.pages("/BankTransactions", "BankTransactions", params=spends):
+            for element in page:
+                if element.get("Type") == "SPEND" and element.get("Status") == "AUTHORISED":
+                    yield from self._expense_lines(element, "BankTransactionID", codes, start, end)
+
+    def _expense_lines(self, data: Mapping[str, Any], id_field: str, codes: set[str], start: dt.date,
+                       end: dt.date) -> Iterator[ExpenseLine]:
+        try:
+            day = wire.parse_date(data.get("Date")) or wire.parse_date(data.get("DateString"))
+            if day is None:
+                raise _shape_error("purchase date")
+            if not start <= day <= end:
+                return
+            document = str(data[id_field])
+            currency = str(data.get("CurrencyCode") or self.base_currency())
+            inclusive = str(data.get("LineAmountTypes") or "Exclusive") == "Inclusive"
+            rate = home_rate(data.get("CurrencyRate"))
+            for index, raw in enumerate(data.get("LineItems") or []):
+                code = str(raw.get("AccountCode") or "")
+                if code not in codes:
+                    continue
+                amount = _dec_or(raw.get("LineAmount"), Decimal(0))
+                if inclusive:  # the line amount includes the tax: the net is what is left without it
+                    amount -= _dec_or(raw.get("TaxAmount"), Decimal(0))
+                yield ExpenseLine(
+                    ledger_id=f"{document}:{raw.get('LineItemID') or index}",
+                    account_code=code,
+                    date=day,
+                    net=amount,
+                    currency=currency,
+                    exchange_rate=rate,
+                    description=str(raw["Description"]) if raw.get("Description") else None,
+                )
+        except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
+            raise _shape_error("purchase") from None
 
 
 def _key(key: str, suffix: str | None = None) -> str:

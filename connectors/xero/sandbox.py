@@ -1,8 +1,9 @@
 """A stateful simulator of the Xero Accounting API, its identity (OAuth2) endpoints and its limits.
 
 One organisation (tenant) seeded as the demo config expects: items from the seeded book's product
-catalogue (``Code`` = SKU), revenue accounts 706/707, receivables 411, bank 512, French VAT rates
-``TAX001``..``TAX004`` plus ``NONE``, currencies EUR (base) and USD.
+catalogue (``Code`` = SKU), revenue accounts 706/707, receivables 411, bank 512, suppliers 401, a few
+expense accounts (622x-625x, 6411), French VAT rates ``TAX001``..``TAX004`` plus ``NONE``, currencies EUR
+(base) and USD.
 
 What it reproduces, because clients depend on it:
 
@@ -13,6 +14,14 @@ What it reproduces, because clients depend on it:
   ``HasErrors``/``ValidationErrors``, ``true`` fails the whole request with a 400 ValidationException;
 - per-line tax rounding (line amount and line tax rounded to the cent, then summed), unique ACCREC
   invoice numbers (``INV-0001``...), unique active contact names;
+- sales and purchase invoices (``ACCREC``/``ACCPAY``), payments, credit notes (``ACCRECCREDIT``/
+  ``ACCPAYCREDIT``, numbered ``CN-0001``...) and their allocations to invoices
+  (``PUT /CreditNotes/{id}/Allocations``): an allocation lowers the invoice's ``AmountDue`` and the credit
+  note's ``RemainingCredit``, and either becomes ``PAID`` when nothing is left; spend and receive money
+  (``/BankTransactions``);
+- ``CurrencyRate`` on every document: 1 in the base currency; in another currency the rate sent, else a
+  deterministic rate of the day (Xero's convention: units of the document's currency per one unit of the
+  base currency);
 - ``Idempotency-Key``: a replay of the same request returns the stored answer without applying it
   again; the same key with another request is refused with a 400; keys live ``idempotency_ttl_s``;
 - ``xero-tenant-id`` (unknown tenant: 403), bearer tokens issued by ``POST /connect/token`` that expire
@@ -27,6 +36,7 @@ What it reproduces, because clients depend on it:
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import datetime as dt
 import email.utils
@@ -35,15 +45,18 @@ import importlib
 import json
 import math
 import random
+import re
 import secrets
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
+from connectors import seedhistory
 from connectors.domain import round_money
 from connectors.sandboxkit import (
     Clock,
@@ -55,10 +68,27 @@ from connectors.sandboxkit import (
     SandboxResponse,
     WindowLimit,
 )
+from connectors.sandboxwebhooks import (
+    WebhookSender,
+    WebhookTarget,
+    compact_json,
+    iso_ms_utc,
+    post_once,
+    random_key,
+    random_letters,
+    sign_xero,
+    webhook_admin,
+)
 from connectors.xero import wire
+from connectors.xero.adapter import contact_fields
 from connectors.xero.query import QueryError, compile_where, parse_order, sort_records
 
-__all__ = ["API_PREFIX", "DEMO_CLIENT_ID", "DEMO_CLIENT_SECRET", "DEMO_TENANT_ID", "ItemSpec", "XeroSandbox"]
+if TYPE_CHECKING:
+    from connectors.seedbook import Book, BookCompany, BookLine
+    from connectors.seedhistory import History, HistoryExpense, HistoryInvoice, PayerProfile
+
+__all__ = ["API_PREFIX", "DEMO_CLIENT_ID", "DEMO_CLIENT_SECRET", "DEMO_TENANT_ID", "ItemSpec", "XeroSandbox",
+           "sales_account"]
 
 API_PREFIX = "/api.xro/2.0"
 #: The simulator's own app and organisation, which the demo and test configs name.
@@ -68,6 +98,8 @@ DEMO_CLIENT_SECRET = "demo-client-secret"  # public: the simulator's own test ap
 EMPTY_ID = "00000000-0000-0000-0000-000000000000"
 
 _INVOICE_TYPES = {"ACCREC", "ACCPAY"}
+_CREDIT_TYPES = {"ACCRECCREDIT": "ACCREC", "ACCPAYCREDIT": "ACCPAY"}  # credit note type -> invoice type
+_BANK_TYPES = {"SPEND", "RECEIVE"}
 _CREATE_STATUSES = {"DRAFT", "SUBMITTED", "AUTHORISED"}
 _LINE_AMOUNT_TYPES = {"Exclusive", "Inclusive", "NoTax"}
 _CENT = Decimal("0.01")
@@ -119,9 +151,34 @@ _ACCOUNTS: tuple[tuple[str, str, str, str, str], ...] = (
     ("707", "Ventes de marchandises", "REVENUE", "REVENUE", "TAX001"),
     ("411", "Clients", "CURRENT", "ASSET", "NONE"),
     ("512", "Banque", "BANK", "ASSET", "NONE"),
+    ("401", "Fournisseurs", "CURRLIAB", "LIABILITY", "NONE"),
+    ("6226", "Honoraires", "EXPENSE", "EXPENSE", "TAX001"),
+    ("6231", "Annonces et insertions", "EXPENSE", "EXPENSE", "TAX001"),
+    ("6233", "Foires et expositions", "EXPENSE", "EXPENSE", "TAX001"),
+    ("6234", "Cadeaux à la clientèle", "EXPENSE", "EXPENSE", "TAX001"),
+    ("6251", "Voyages et déplacements", "EXPENSE", "EXPENSE", "TAX001"),
+    ("6257", "Réceptions", "EXPENSE", "EXPENSE", "TAX001"),
+    ("6411", "Salaires, appointements", "EXPENSE", "EXPENSE", "NONE"),
 )
 _CURRENCIES: dict[str, str] = {"EUR": "Euro", "USD": "United States Dollar"}
-_FX: dict[str, Decimal] = {"EUR": Decimal("1.000000"), "USD": Decimal("1.080000")}
+#: Central rate of each foreign currency, in Xero's convention: units of it per one unit of the base currency
+#: (EUR). The rate of a day moves around it (see :meth:`XeroSandbox.day_rate`).
+_FX_PER_BASE: dict[str, Decimal] = {"USD": Decimal("1.08")}
+_RATE_Q = Decimal("0.000001")  # Xero keeps six decimals of a currency rate
+#: Catalogue products booked to 707 (sales of goods) by the demo configuration; every other product is a
+#: service, booked to 706. History invoices use the same accounts as the invoices the sync creates.
+_GOODS_SKUS = frozenset({"HW-LAPTOP-14", "HW-SCREEN-27", "HW-DOCK-USBC", "CAT-LUNCH-TRAY", "BOOK-GUIDE",
+                         "PRESS-SUB-YEAR"})
+_NAME_SUFFIX = re.compile(r"\s*\([^()]*\)$")
+
+
+def sales_account(sku: str) -> str:
+    """The revenue account a catalogue product is sold to: 707 for goods, 706 for services."""
+    return "707" if sku in _GOODS_SKUS else "706"
+
+
+def _name_key(name: str) -> str:
+    return " ".join(name.casefold().split())
 
 
 def _book_products() -> Sequence[ItemSpec]:
@@ -172,7 +229,8 @@ class XeroSandbox(SandboxApp):
     state_attrs = (
         "_rng", "tenant_id", "organisation_id", "connection_id", "_created_at", "_refresh", "_access",
         "_replays", "_contacts", "_invoices", "_payments", "_invoice_seq", "_items", "_accounts", "_tax_rates",
-        "_currencies", "refresh_calls", "refresh_rejected", "idempotent_replays",
+        "_currencies", "refresh_calls", "refresh_rejected", "idempotent_replays", "_credit_notes",
+        "_credit_note_seq", "_bank_transactions", "_profiles", "_profile_names", "_plan_keys",
     )
 
     def __init__(
@@ -236,6 +294,14 @@ class XeroSandbox(SandboxApp):
         self._invoices: dict[str, dict[str, Any]] = {}
         self._payments: dict[str, dict[str, Any]] = {}
         self._invoice_seq = 0
+        self._credit_notes: dict[str, dict[str, Any]] = {}
+        self._credit_note_seq = 0
+        self._bank_transactions: dict[str, dict[str, Any]] = {}
+        # Loaded history: payer profile by contact id and by contact name; for each history invoice, the key
+        # of its payment plan (its history id) and the day up to which the history decided its payments.
+        self._profiles: dict[str, PayerProfile] = {}
+        self._profile_names: dict[str, PayerProfile] = {}
+        self._plan_keys: dict[str, tuple[str, dt.date]] = {}
         self._seed_org(items)
         if initial_refresh_token:
             self._refresh[initial_refresh_token] = _RefreshGrant(issued_at=self.clock.now())
@@ -338,6 +404,25 @@ class XeroSandbox(SandboxApp):
         self.route("GET", f"{a}/Payments/{{PaymentID}}", self._get_payment)
         self.route("PUT", f"{a}/Payments", lambda r: self._write(r, self._save_payments, create_only=True))
         self.route("POST", f"{a}/Payments", lambda r: self._write(r, self._save_payments, create_only=True))
+        self.route("GET", f"{a}/CreditNotes", self._get_credit_notes)
+        self.route("GET", f"{a}/CreditNotes/{{CreditNoteID}}", self._get_credit_note)
+        self.route("PUT", f"{a}/CreditNotes", lambda r: self._write(r, self._save_credit_notes, create_only=True))
+        self.route("POST", f"{a}/CreditNotes",
+                   lambda r: self._write(r, self._save_credit_notes, create_only=False))
+        self.route("POST", f"{a}/CreditNotes/{{CreditNoteID}}",
+                   lambda r: self._write(r, self._save_credit_notes, create_only=False))
+        self.route("PUT", f"{a}/CreditNotes/{{CreditNoteID}}/Allocations",
+                   lambda r: self._write(r, self._save_allocations, create_only=True))
+        self.route("DELETE", f"{a}/CreditNotes/{{CreditNoteID}}/Allocations/{{AllocationID}}",
+                   lambda r: self._write(r, self._delete_allocation, create_only=False))
+        self.route("GET", f"{a}/BankTransactions", self._get_bank_transactions)
+        self.route("GET", f"{a}/BankTransactions/{{BankTransactionID}}", self._get_bank_transaction)
+        self.route("PUT", f"{a}/BankTransactions",
+                   lambda r: self._write(r, self._save_bank_transactions, create_only=True))
+        self.route("POST", f"{a}/BankTransactions",
+                   lambda r: self._write(r, self._save_bank_transactions, create_only=False))
+        self.route("POST", f"{a}/BankTransactions/{{BankTransactionID}}",
+                   lambda r: self._write(r, self._save_bank_transactions, create_only=False))
         self.route("GET", f"{a}/Items", lambda r: self._get_simple(r, "Items", list(self._items.values())))
         self.route("GET", f"{a}/TaxRates",
                    lambda r: self._get_simple(r, "TaxRates", list(self._tax_rates.values())))
@@ -609,10 +694,15 @@ class XeroSandbox(SandboxApp):
 
     # == test and demo helpers =====================================================================
     def admin(self, req: SandboxRequest) -> SandboxResponse:
-        """Sandbox controls: ``GET /_sandbox/{stats,invoices,contacts,payments}``, ``POST /_sandbox/authorize``
-        (a fresh token set, as after the consent flow), ``POST /_sandbox/payments`` (``{"invoice_id",
-        "amount", "date"}``: a payment recorded by a person) and ``POST /_sandbox/revoke``."""
+        """Sandbox controls: ``GET /_sandbox/{stats,invoices,contacts,payments,credit-notes,bank-transactions}``,
+        ``POST /_sandbox/authorize`` (a fresh token set, as after the consent flow), ``POST /_sandbox/payments``
+        (``{"invoice_id", "amount", "date"}``: a payment recorded by a person), ``POST /_sandbox/credit-notes``
+        (``{"invoice_id", "amount", "date"}``: a credit note on the invoice, allocated to it),
+        ``POST /_sandbox/settle`` (``{"today": "YYYY-MM-DD"}``: see :meth:`settle`) and
+        ``POST /_sandbox/revoke``."""
         path = req.path.rstrip("/")
+        if path.startswith("/_sandbox/webhooks"):
+            return self._webhook_admin(req)
         dump: Callable[[Any], bytes] = lambda payload: json.dumps(payload, default=str).encode()  # noqa: E731
         h = {"Content-Type": "application/json"}
         if req.method == "GET" and path == "/_sandbox/invoices":
@@ -621,6 +711,10 @@ class XeroSandbox(SandboxApp):
             return SandboxResponse(200, dump(self.contacts()), h)
         if req.method == "GET" and path == "/_sandbox/payments":
             return SandboxResponse(200, dump(self.payments()), h)
+        if req.method == "GET" and path == "/_sandbox/credit-notes":
+            return SandboxResponse(200, dump(self.credit_notes()), h)
+        if req.method == "GET" and path == "/_sandbox/bank-transactions":
+            return SandboxResponse(200, dump(self.bank_transactions()), h)
         if req.method == "POST" and path == "/_sandbox/authorize":
             return SandboxResponse(200, dump(self.issue_tokens()), h)
         if req.method == "POST" and path == "/_sandbox/revoke":
@@ -634,6 +728,20 @@ class XeroSandbox(SandboxApp):
             except (ValueError, KeyError, TypeError, _Invalid) as exc:
                 return SandboxResponse(400, dump({"message": str(exc)}), h)
             return SandboxResponse(200, dump(payment), h)
+        if req.method == "POST" and path in {"/_sandbox/credit-notes", "/_sandbox/settle"}:
+            try:
+                body = wire.loads(req.body or b"{}")
+                if path == "/_sandbox/settle":
+                    today = wire.parse_date(body.get("today"))
+                    if today is None:
+                        raise ValueError("today must be a date, YYYY-MM-DD")
+                    recorded = self.settle(today)
+                    return SandboxResponse(200, dump({"recorded": len(recorded), "payments": recorded}), h)
+                note = self.create_credit_note(str(body["invoice_id"]), _dec(body["amount"], "amount"),
+                                               wire.parse_date(body.get("date")))
+            except (ValueError, KeyError, TypeError, AttributeError, _Invalid) as exc:
+                return SandboxResponse(400, dump({"message": str(exc)}), h)
+            return SandboxResponse(200, dump(note), h)
         return super().admin(req)
 
     def issue_tokens(self) -> dict[str, Any]:
@@ -669,6 +777,15 @@ class XeroSandbox(SandboxApp):
         with self.lock:
             return copy.deepcopy(list(self._payments.values()))
 
+    def credit_notes(self) -> list[dict[str, Any]]:
+        """Every credit note, in creation order, with its allocations."""
+        with self.lock:
+            return copy.deepcopy(list(self._credit_notes.values()))
+
+    def bank_transactions(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return copy.deepcopy(list(self._bank_transactions.values()))
+
     def invoice_by_reference(self, reference: str) -> dict[str, Any] | None:
         """The first non-deleted invoice with this Reference."""
         with self.lock:
@@ -689,6 +806,302 @@ class XeroSandbox(SandboxApp):
             })
             return copy.deepcopy(payment)
 
+    def create_credit_note(self, invoice_id: str, amount: Decimal, date: dt.date | None = None, *,
+                           allocate: bool = True) -> dict[str, Any]:
+        """A person's "Add credit note" on an invoice: an approved credit note of ``amount`` (tax included) for
+        the invoice's contact, currency and rate, on the account and tax type of the invoice's first line,
+        allocated to the invoice in full when ``allocate``; returns the credit note."""
+        with self.lock, _plain_errors():
+            inv = self._find_invoice(invoice_id)
+            if inv is None:
+                raise _Invalid(f"invoice {invoice_id} not found")
+            first = inv["LineItems"][0] if inv["LineItems"] else {}
+            day = date or self._today()
+            note_type = "ACCRECCREDIT" if inv["Type"] == "ACCREC" else "ACCPAYCREDIT"
+            element: dict[str, Any] = {
+                "Type": note_type, "Contact": {"ContactID": inv["ContactID"]}, "Date": day.isoformat(),
+                "Status": "AUTHORISED", "LineAmountTypes": "Inclusive", "CurrencyCode": inv["CurrencyCode"],
+                "CurrencyRate": inv["CurrencyRate"],
+                "LineItems": [{"Description": f"Avoir sur la facture {inv['InvoiceNumber']}".strip(), "Quantity": 1,
+                               "UnitAmount": amount, "AccountCode": first.get("AccountCode") or "706",
+                               "TaxType": first.get("TaxType") or "NONE"}],
+            }
+            if note_type == "ACCRECCREDIT":
+                element["Reference"] = inv["InvoiceNumber"]
+            note = self._new_credit_note(element, 4)
+            self._credit_notes[note["CreditNoteID"]] = note
+            if allocate:
+                self._new_allocation(note, {"Invoice": {"InvoiceID": inv["InvoiceID"]}, "Amount": note["Total"],
+                                            "Date": day.isoformat()})
+            return copy.deepcopy(note)
+
+    def _supplier(self, name: str) -> str:
+        """The id of the active supplier contact called ``name``, created if there is none."""
+        key = name.strip().lower()
+        for contact in self._contacts.values():
+            if contact["_name_key"] == key and contact["ContactStatus"] == "ACTIVE":
+                contact["IsSupplier"] = True
+                return str(contact["ContactID"])
+        contact_id = self._uuid()
+        self._contacts[contact_id] = {
+            "ContactID": contact_id, "ContactStatus": "ACTIVE", "Name": name.strip(), "_name_key": key,
+            "Addresses": [], "Phones": [], "ContactGroups": [], "ContactPersons": [], "IsSupplier": True,
+            "IsCustomer": False, "HasAttachments": False, "HasValidationErrors": False,
+            "UpdatedDateUTC": self._now_dt(),
+        }
+        return contact_id
+
+    def _purchase_line(self, account_code: str, net: Decimal, description: str, currency: str,
+                       tax_type: str | None) -> dict[str, Any]:
+        # French VAT on purchases in euros; a purchase in another currency comes from abroad, without it.
+        tax = tax_type or ("TAX001" if currency == self.base_currency else "NONE")
+        return {"Description": description, "Quantity": 1, "UnitAmount": net, "AccountCode": account_code,
+                "TaxType": tax}
+
+    def create_bill(self, account_code: str, day: dt.date, net: Decimal, description: str, *,
+                    currency: str | None = None, supplier: str = "Fournisseurs divers", number: str | None = None,
+                    tax_type: str | None = None, status: str = "AUTHORISED", paid: bool = False) -> dict[str, Any]:
+        """A supplier bill (``ACCPAY`` invoice) of one line of ``net`` (before tax) booked to ``account_code``,
+        dated and due ``day``; paid in full that day from bank 512 when ``paid``. Returns the bill."""
+        with self.lock, _plain_errors():
+            cur = currency or self.base_currency
+            element: dict[str, Any] = {
+                "Type": "ACCPAY", "Contact": {"ContactID": self._supplier(supplier)}, "Date": day.isoformat(),
+                "DueDate": day.isoformat(), "Status": status, "LineAmountTypes": "Exclusive", "CurrencyCode": cur,
+                "LineItems": [self._purchase_line(account_code, net, description, cur, tax_type)],
+            }
+            if number:
+                element["InvoiceNumber"] = number
+            bill = self._new_invoice(element, 4)
+            self._invoices[bill["InvoiceID"]] = bill
+            if paid:
+                self._new_payment({"Invoice": {"InvoiceID": bill["InvoiceID"]}, "Account": {"Code": "512"},
+                                   "Amount": bill["Total"], "Date": day.isoformat()})
+            return copy.deepcopy(bill)
+
+    def create_spend(self, account_code: str, day: dt.date, net: Decimal, description: str, *,
+                     supplier: str = "Fournisseurs divers", tax_type: str | None = None,
+                     reference: str | None = None) -> dict[str, Any]:
+        """Spend money from bank 512: a ``SPEND`` bank transaction of one line of ``net`` (before tax) booked to
+        ``account_code`` on ``day``. Returns the bank transaction."""
+        with self.lock, _plain_errors():
+            element = {
+                "Type": "SPEND", "Contact": {"ContactID": self._supplier(supplier)}, "BankAccount": {"Code": "512"},
+                "Date": day.isoformat(), "LineAmountTypes": "Exclusive", "Reference": reference or description,
+                "LineItems": [self._purchase_line(account_code, net, description, self.base_currency, tax_type)],
+            }
+            tx = self._new_bank_transaction(element, 4)
+            self._bank_transactions[tx["BankTransactionID"]] = tx
+            return copy.deepcopy(tx)
+
+    # == ledger history ============================================================================
+    def load_history(self, book: Book, history: History) -> dict[str, int]:
+        """Write ``history`` as this organisation would hold it after years of use.
+
+        A contact for every company of the history, with the name, e-mail, VAT number (``TaxNumber``),
+        company number and address LedgerBridge would send for it, and its website (set in Xero's app, it is
+        read-only in the API), so that the sync matches it; approved sales invoices with the history's
+        numbers, dates, and the demo configuration's revenue accounts and tax types; the payments on their
+        dates; approved credit notes allocated to the invoice they correct (as far as it is still due);
+        supplier bills (paid on their date) for the expenses, spend money for personnel costs (accounts 64x),
+        on expense accounts created when missing.
+        Each contact's payer profile is remembered for :meth:`settle`. Records already present (same contact
+        name, invoice or credit note number) are kept, so loading twice adds nothing. Returns counts.
+        """
+        companies = {c.id: c for c in book.companies}
+        profiles = {p.company_id: p for p in history.profiles}
+        counts = Counter[str]()
+        with self.lock, _plain_errors():
+            self._numbers_in_use = {i["InvoiceNumber"] for i in self._invoices.values()}
+            try:
+                wanted = [*(i.company_id for i in history.invoices), *(n.company_id for n in history.credit_notes),
+                          *profiles]
+                contacts: dict[str, str] = {}
+                for company_id in dict.fromkeys(wanted):
+                    contacts[company_id] = self._history_contact(companies[company_id], counts)
+                    profile = profiles.get(company_id)
+                    if profile is not None:
+                        self._profiles[contacts[company_id]] = profile
+                        self._profile_names[_name_key(companies[company_id].name)] = profile
+                invoices: dict[str, dict[str, Any]] = {}
+                for hist in history.invoices:
+                    inv = self._history_invoice(hist, contacts[hist.company_id], history.today)
+                    if inv is not None:
+                        invoices[hist.id] = inv
+                        counts["invoices"] += 1
+                self._history_settlements(history, invoices, contacts, counts)
+                for expense in history.expenses:
+                    self._history_expense(expense, counts)
+            finally:
+                self._numbers_in_use = None
+        return dict(counts)
+
+    def _history_contact(self, company: BookCompany, counts: Counter[str]) -> str:
+        name = company.name.strip()[:255]
+        key = name.lower()
+        for existing in self._contacts.values():
+            if existing["_name_key"] == key and existing["ContactStatus"] == "ACTIVE":
+                return str(existing["ContactID"])
+        customer = seedhistory.book_customer(company)
+        errors: list[str] = []
+        contact: dict[str, Any] = {
+            "ContactID": self._uuid(), "ContactStatus": "ACTIVE", "Name": name, "_name_key": key, "Addresses": [],
+            "Phones": [], "ContactGroups": [], "ContactPersons": [], "IsSupplier": False, "IsCustomer": True,
+            "HasAttachments": False, "HasValidationErrors": False,
+        }
+        self._contact_fields(contact_fields(customer), contact, errors)
+        if errors:
+            raise _Errors(errors)
+        if customer.domain:
+            contact["Website"] = f"https://www.{customer.domain}"
+        contact["UpdatedDateUTC"] = self._now_dt()
+        self._contacts[contact["ContactID"]] = contact
+        counts["contacts"] += 1
+        return str(contact["ContactID"])
+
+    def _history_lines(self, lines: Iterable[BookLine]) -> list[dict[str, Any]]:
+        by_rate = {Decimal(t["EffectiveRate"]): code for code, t in self._tax_rates.items()}
+        out: list[dict[str, Any]] = []
+        for line in lines:
+            tax_type = by_rate.get(Decimal(line.tax_rate))
+            if tax_type is None:
+                raise _Invalid(f"no tax type for the rate {line.tax_rate} %")
+            raw: dict[str, Any] = {"Description": line.description, "Quantity": line.quantity,
+                                   "UnitAmount": line.unit_price, "AccountCode": sales_account(line.sku),
+                                   "TaxType": tax_type}
+            if line.sku in self._items:
+                raw["ItemCode"] = line.sku
+            if line.discount_percent:
+                raw["DiscountRate"] = line.discount_percent
+            out.append(raw)
+        return out
+
+    def _number_taken(self, number: str, doc_type: str) -> bool:
+        taken = self._numbers_in_use
+        return (taken is None or number in taken) and any(
+            i["InvoiceNumber"] == number and i["Type"] == doc_type and i["Status"] != "DELETED"
+            for i in self._invoices.values())
+
+    def _history_invoice(self, hist: HistoryInvoice, contact_id: str, today: dt.date) -> dict[str, Any] | None:
+        """The invoice created for ``hist``; None when its number is already in use (loaded before)."""
+        if self._number_taken(hist.number, "ACCREC"):
+            return None
+        inv = self._new_invoice({
+            "Type": "ACCREC", "Contact": {"ContactID": contact_id}, "InvoiceNumber": hist.number,
+            "Date": hist.issue_date.isoformat(), "DueDate": hist.due_date.isoformat(), "Status": "AUTHORISED",
+            "LineAmountTypes": "Exclusive", "CurrencyCode": hist.currency, "LineItems": self._history_lines(hist.lines),
+        }, 4)
+        self._invoices[inv["InvoiceID"]] = inv
+        self._plan_keys[inv["InvoiceID"]] = (hist.id, today)
+        return inv
+
+    def _history_settlements(self, history: History, invoices: Mapping[str, dict[str, Any]],
+                             contacts: Mapping[str, str], counts: Counter[str]) -> None:
+        """Payments and credit notes of the invoices created by this load (``invoices``, by history id), in date
+        order (on one day, payments first)."""
+        events: list[tuple[dt.date, int, str, Any]] = []
+        for hist in history.invoices:
+            events += [(p.date, 0, hist.id, p) for p in hist.payments]
+        events += [(n.issue_date, 1, n.invoice_id, n) for n in history.credit_notes]
+        events.sort(key=lambda e: (e[0], e[1]))
+        for day, kind, invoice_key, event in events:
+            inv = invoices.get(invoice_key)
+            if inv is None:
+                continue  # an invoice loaded before, with its payments and credit notes
+            if kind == 0:
+                self._new_payment({"Invoice": {"InvoiceID": inv["InvoiceID"]}, "Account": {"Code": "512"},
+                                   "Amount": event.amount, "Date": day.isoformat()})
+                counts["payments"] += 1
+                continue
+            note = self._new_credit_note({
+                "Type": "ACCRECCREDIT", "Contact": {"ContactID": contacts[event.company_id]},
+                "CreditNoteNumber": event.number, "Reference": inv["InvoiceNumber"], "Date": day.isoformat(),
+                "Status": "AUTHORISED", "LineAmountTypes": "Exclusive", "CurrencyCode": event.currency,
+                "CurrencyRate": inv["CurrencyRate"], "LineItems": self._history_lines(event.lines),
+            }, 4)
+            self._credit_notes[note["CreditNoteID"]] = note
+            counts["credit_notes"] += 1
+            amount = min(note["Total"], inv["AmountDue"])
+            if inv["Status"] == "AUTHORISED" and amount > 0 and inv["ContactID"] == note["ContactID"]:
+                self._allocate(note, inv, amount, day)
+                counts["allocations"] += 1
+
+    def _history_expense(self, expense: HistoryExpense, counts: Counter[str]) -> None:
+        """A supplier bill, paid on its date; personnel costs (accounts 64x) are spend money instead."""
+        if self._number_taken(expense.id, "ACCPAY"):
+            return
+        account = self._accounts.get(expense.account_code)
+        if account is None:
+            account = self._accounts[expense.account_code] = {
+                "AccountID": self._uuid(), "Code": expense.account_code, "Name": f"Charges {expense.account_code}",
+                "Type": "EXPENSE", "Class": "EXPENSE", "Status": "ACTIVE", "TaxType": "TAX001",
+                "EnablePaymentsToAccount": False, "ShowInExpenseClaims": True, "ReportingCode": expense.account_code,
+                "HasAttachments": False, "UpdatedDateUTC": self._now_dt(),
+            }
+            counts["accounts"] += 1
+        if expense.account_code.startswith("64"):  # personnel costs: paid from the bank, no supplier, no VAT
+            if any(t["Reference"] == expense.id for t in self._bank_transactions.values()):
+                return
+            self.create_spend(expense.account_code, expense.date, expense.net, expense.description,
+                              supplier="Personnel", tax_type="NONE", reference=expense.id)
+            counts["spend"] += 1
+            return
+        self.create_bill(expense.account_code, expense.date, expense.net, expense.description,
+                         currency=expense.currency, supplier=f"Fournisseurs – {account['Name']}", number=expense.id,
+                         paid=True)
+        counts["bills"] += 1
+
+    def _profile_for(self, contact_id: str) -> PayerProfile | None:
+        """The payer profile of a contact: the one remembered for it, else the one of the history company of
+        the same name (a contact created later, by the sync, may carry a suffix in parentheses); else None."""
+        profile = self._profiles.get(contact_id)
+        contact = self._contacts.get(contact_id)
+        if profile is not None or contact is None:
+            return profile
+        name = _name_key(str(contact.get("Name") or ""))
+        profile = self._profile_names.get(name)
+        stripped = _NAME_SUFFIX.sub("", name)
+        if profile is None and stripped != name:
+            profile = self._profile_names.get(stripped)
+        return profile
+
+    def settle(self, today: dt.date) -> list[dict[str, Any]]:
+        """Customers pay what they owe, up to ``today``: for every open sales invoice (approved, something due),
+        the payments :func:`connectors.seedhistory.payment_plan` plans for its contact's payer profile that are
+        dated on or before ``today`` and not recorded yet are recorded (a planned payment counts as recorded
+        when the invoice has a payment of the same date and amount; one larger than what is still due is cut
+        down to it). Settling twice records nothing new. Returns the payments recorded.
+
+        The plan's key is the invoice id; for an invoice loaded from a history it is the history's invoice id,
+        and only the payments planned after the history's ``today`` are recorded: up to that day the history
+        has said what was paid (an invoice it left unpaid stays so until then)."""
+        recorded: list[dict[str, Any]] = []
+        with self.lock, _plain_errors():
+            paid: dict[str, Counter[tuple[dt.date, Decimal]]] = {}
+            for p in self._payments.values():
+                if p["Status"] != "DELETED":
+                    paid.setdefault(p["InvoiceID"], Counter())[(p["Date"], p["Amount"])] += 1
+            for inv in list(self._invoices.values()):
+                if inv["Type"] != "ACCREC" or inv["Status"] != "AUTHORISED" or inv["AmountDue"] <= 0:
+                    continue
+                currency = inv["CurrencyCode"]
+                key, decided = self._plan_keys.get(inv["InvoiceID"], (inv["InvoiceID"], None))
+                plan = seedhistory.payment_plan(self._profile_for(inv["ContactID"]), key, inv["Date"],
+                                                inv["DueDate"] or inv["Date"], inv["Total"], currency)
+                done = paid.get(inv["InvoiceID"], Counter())
+                for day, planned in plan:
+                    amount = round_money(planned, currency)
+                    if done[(day, amount)] > 0:
+                        done[(day, amount)] -= 1
+                        continue
+                    if day > today or (decided is not None and day <= decided) or inv["Status"] != "AUTHORISED" \
+                            or amount <= 0:
+                        continue
+                    payment = self._new_payment({"Invoice": {"InvoiceID": inv["InvoiceID"]}, "Account": {"Code": "512"},
+                                                 "Amount": min(amount, inv["AmountDue"]), "Date": day.isoformat()})
+                    recorded.append(copy.deepcopy(payment))
+        return recorded
+
     def stats(self) -> dict[str, Any]:
         base = super().stats()
         with self.lock:
@@ -696,6 +1109,8 @@ class XeroSandbox(SandboxApp):
                 invoices=len(self._invoices),
                 contacts=len(self._contacts),
                 payments=len(self._payments),
+                credit_notes=len(self._credit_notes),
+                bank_transactions=len(self._bank_transactions),
                 refresh_calls=self.refresh_calls,
                 refresh_rejected=self.refresh_rejected,
                 idempotent_replays=self.idempotent_replays,
@@ -781,7 +1196,7 @@ class XeroSandbox(SandboxApp):
             if errors:
                 element["ValidationErrors"] = [{"Message": m} for m in errors]
                 element["StatusAttributeString"] = "ERROR"
-                element["HasErrors" if key == "Invoices" else "HasValidationErrors"] = True
+                element["HasErrors" if key in {"Invoices", "CreditNotes"} else "HasValidationErrors"] = True
             else:
                 element["StatusAttributeString"] = "OK"
             out.append(element)
@@ -1005,19 +1420,6 @@ class XeroSandbox(SandboxApp):
         return 4 if (req.arg("unitdp") or "") == "4" else 2
 
     def _render_invoice(self, inv: Mapping[str, Any], *, lines: bool, unitdp: int = 2) -> dict[str, Any]:
-        contact = self._contacts.get(inv["ContactID"], {})
-        contact_out: dict[str, Any] = {
-            "ContactID": inv["ContactID"],
-            "Name": contact.get("Name", ""),
-            "ContactStatus": contact.get("ContactStatus", "ACTIVE"),
-            "Addresses": [],
-            "Phones": [],
-            "ContactGroups": [],
-            "ContactPersons": [],
-            "HasValidationErrors": False,
-        }
-        if contact.get("ContactNumber"):
-            contact_out["ContactNumber"] = contact["ContactNumber"]
         out: dict[str, Any] = {
             "Type": inv["Type"],
             "InvoiceID": inv["InvoiceID"],
@@ -1028,7 +1430,7 @@ class XeroSandbox(SandboxApp):
                  "CurrencyRate": p["CurrencyRate"], "HasAccount": True, "HasValidationErrors": False}
                 for p in self._payments.values() if p["InvoiceID"] == inv["InvoiceID"] and p["Status"] != "DELETED"
             ],
-            "CreditNotes": [],
+            "CreditNotes": self._credits_on(inv["InvoiceID"]),
             "Prepayments": [],
             "Overpayments": [],
             "AmountDue": inv["AmountDue"],
@@ -1039,7 +1441,7 @@ class XeroSandbox(SandboxApp):
             "IsDiscounted": inv["IsDiscounted"],
             "HasAttachments": False,
             "HasErrors": False,
-            "Contact": contact_out,
+            "Contact": self._contact_ref(inv["ContactID"]),
             "DateString": inv["Date"].isoformat() + "T00:00:00",
             "Date": wire.ms_date(inv["Date"]),
             "Status": inv["Status"],
@@ -1058,12 +1460,7 @@ class XeroSandbox(SandboxApp):
         if inv.get("TotalDiscount"):
             out["TotalDiscount"] = inv["TotalDiscount"]
         if lines:
-            quantum = Decimal(1).scaleb(-unitdp)
-            out["LineItems"] = [
-                {k: (v.quantize(quantum, rounding=ROUND_HALF_UP) if k == "UnitAmount" and isinstance(v, Decimal) else v)
-                 for k, v in line.items()}
-                for line in inv["LineItems"]
-            ]
+            out["LineItems"] = self._render_lines(inv["LineItems"], unitdp)
         return out
 
     def _invoice_view(self, inv: Mapping[str, Any]) -> dict[str, Any]:
@@ -1208,19 +1605,56 @@ class XeroSandbox(SandboxApp):
             lines.append(line)
         return lines
 
-    def _totals(self, inv: dict[str, Any]) -> None:
-        currency = inv["CurrencyCode"]
-        lines = inv["LineItems"]
+    def _totals(self, doc: dict[str, Any]) -> None:
+        """Totals of an invoice, credit note or bank transaction from its lines (tax rounded per line), and
+        what is left: an invoice's ``AmountDue``, a credit note's ``RemainingCredit``."""
+        currency = doc["CurrencyCode"]
+        lines = doc["LineItems"]
         line_sum = sum((ln["LineAmount"] for ln in lines), Decimal(0))
         tax = sum((ln["TaxAmount"] for ln in lines), Decimal(0))
-        subtotal = line_sum - tax if inv["LineAmountTypes"] == "Inclusive" else line_sum
-        inv["SubTotal"] = round_money(subtotal, currency)
-        inv["TotalTax"] = round_money(tax, currency)
-        inv["Total"] = round_money(subtotal + tax, currency)
-        inv["AmountDue"] = inv["Total"] - inv["AmountPaid"] - inv["AmountCredited"]
+        subtotal = line_sum - tax if doc["LineAmountTypes"] == "Inclusive" else line_sum
+        doc["SubTotal"] = round_money(subtotal, currency)
+        doc["TotalTax"] = round_money(tax, currency)
+        doc["Total"] = round_money(subtotal + tax, currency)
+        if "AmountPaid" in doc:
+            doc["AmountDue"] = doc["Total"] - doc["AmountPaid"] - doc["AmountCredited"]
+        if "RemainingCredit" in doc:
+            doc["RemainingCredit"] = doc["Total"] - self._allocated(doc)
         discount = sum((ln.get("DiscountAmount", Decimal(0)) for ln in lines), Decimal(0))
-        inv["IsDiscounted"] = discount > 0
-        inv["TotalDiscount"] = discount if discount > 0 else None
+        doc["IsDiscounted"] = discount > 0
+        doc["TotalDiscount"] = discount if discount > 0 else None
+
+    def day_rate(self, currency: str, day: dt.date) -> Decimal:
+        """The sandbox's rate of the day for ``currency`` (its XE.com rate), in Xero's convention: units of
+        ``currency`` per one unit of the base currency; 1 for the base currency. Deterministic: a monthly level
+        within 4 % of the central rate and a daily move within 0.05 %."""
+        if currency == self.base_currency:
+            return Decimal("1.000000")
+        centre = _FX_PER_BASE.get(currency, Decimal(1))
+
+        def spread(text: str, width: int) -> int:  # an integer in [-width, width], from a hash of ``text``
+            return int(hashlib.sha256(f"{currency}:{text}".encode()).hexdigest()[:8], 16) % (2 * width + 1) - width
+
+        move = Decimal(spread(f"{day:%Y-%m}", 400)) / 10000 + Decimal(spread(day.isoformat(), 50)) / 100000
+        return (centre * (1 + move)).quantize(_RATE_Q, rounding=ROUND_HALF_UP)
+
+    def _currency_rate(self, element: Mapping[str, Any], currency: str, day: dt.date | None,
+                       errors: list[str]) -> Decimal:
+        """The document's ``CurrencyRate``: 1 in the base currency, else the rate sent or the rate of the day."""
+        if currency == self.base_currency:
+            return Decimal("1.000000")
+        raw = element.get("CurrencyRate")
+        if raw is not None and raw != "":
+            try:
+                rate = _dec(raw, "CurrencyRate")
+            except _Invalid as exc:
+                errors.append(str(exc))
+                return Decimal("1.000000")
+            if rate <= 0:
+                errors.append("The CurrencyRate must be greater than zero")
+                return Decimal("1.000000")
+            return rate.quantize(_RATE_Q, rounding=ROUND_HALF_UP)
+        return self.day_rate(currency, day or self._today())
 
     def _echo_invoice(self, element: Mapping[str, Any]) -> dict[str, Any]:
         """A failed element as Xero sends it back: what was sent, normalised, with an empty ID."""
@@ -1282,7 +1716,9 @@ class XeroSandbox(SandboxApp):
         number = (_text(element.get("InvoiceNumber")) or "").strip() or None
         if number is not None and len(number) > 255:
             errors.append("InvoiceNumber must not be more than 255 characters long.")
-        if inv_type == "ACCREC" and number is not None and any(
+        taken = self._numbers_in_use
+        maybe_taken = taken is None or number in taken  # a number never used is unique without a scan
+        if inv_type == "ACCREC" and number is not None and maybe_taken and any(
             i["InvoiceNumber"] == number and i["Type"] == "ACCREC" and i["Status"] != "DELETED"
             for i in self._invoices.values()
         ):
@@ -1300,17 +1736,18 @@ class XeroSandbox(SandboxApp):
                 if not ln.get("AccountCode"):
                     errors.append("An account code must be specified on each line of an approved invoice.")
                     break
+        rate = self._currency_rate(element, currency, day, errors)
         if errors:
             raise _Errors(errors)
         if number is None and inv_type == "ACCREC":
             # One set of the numbers in use per request keeps a large organisation linear, not quadratic.
-            taken = self._numbers_in_use
             if taken is None:
                 taken = {i["InvoiceNumber"] for i in self._invoices.values()}
             self._invoice_seq += 1
             while f"INV-{self._invoice_seq:04d}" in taken:
                 self._invoice_seq += 1
             number = f"INV-{self._invoice_seq:04d}"
+        if taken is not None and number is not None:
             taken.add(number)
         inv: dict[str, Any] = {
             "InvoiceID": self._uuid(),
@@ -1324,17 +1761,24 @@ class XeroSandbox(SandboxApp):
             "LineAmountTypes": amount_types,
             "LineItems": lines,
             "CurrencyCode": currency,
-            "CurrencyRate": _FX.get(currency, Decimal("1.000000")),
+            "CurrencyRate": rate,
             "AmountPaid": Decimal("0.00"),
             "AmountCredited": Decimal("0.00"),
             "FullyPaidOnDate": None,
         }
         self._totals(inv)
         inv["UpdatedDateUTC"] = self._now_dt()
-        contact = self._contacts.get(contact_id)
-        if contact is not None and inv_type == "ACCREC" and not contact["IsCustomer"]:
-            contact["IsCustomer"] = True
+        self._mark_contact(contact_id, inv_type)
         return inv
+
+    def _mark_contact(self, contact_id: str, doc_type: str) -> None:
+        """A contact becomes a customer with its first sale and a supplier with its first purchase."""
+        contact = self._contacts.get(contact_id)
+        if contact is None:
+            return
+        flag = "IsCustomer" if doc_type in {"ACCREC", "RECEIVE"} else "IsSupplier"
+        if not contact.get(flag):
+            contact[flag] = True
 
     def _update_invoice(self, inv: dict[str, Any], element: Mapping[str, Any], unitdp: int) -> None:
         errors: list[str] = []
@@ -1349,7 +1793,10 @@ class XeroSandbox(SandboxApp):
             errors.append(f"Invoice status cannot be changed from {current} to {status}")
         if status == "VOIDED" and inv["AmountPaid"] > 0:
             errors.append("Invoices with payments cannot be voided")
-        editable = current in {"DRAFT", "SUBMITTED"} or (current == "AUTHORISED" and inv["AmountPaid"] == 0)
+        if status == "VOIDED" and inv["AmountCredited"] > 0:
+            errors.append("Invoices with credit notes allocated to them cannot be voided")
+        editable = current in {"DRAFT", "SUBMITTED"} or (
+            current == "AUTHORISED" and inv["AmountPaid"] == 0 and inv["AmountCredited"] == 0)
         new_lines = None
         if "LineItems" in element:
             if not editable:
@@ -1569,11 +2016,711 @@ class XeroSandbox(SandboxApp):
 
         return self._batch(req, "Payments", results, rollback)
 
+    # == shared by every kind of document ==========================================================
+    def _contact_ref(self, contact_id: str) -> dict[str, Any]:
+        """The contact as a document embeds it."""
+        contact = self._contacts.get(contact_id, {})
+        out: dict[str, Any] = {
+            "ContactID": contact_id,
+            "Name": contact.get("Name", ""),
+            "ContactStatus": contact.get("ContactStatus", "ACTIVE"),
+            "Addresses": [],
+            "Phones": [],
+            "ContactGroups": [],
+            "ContactPersons": [],
+            "HasValidationErrors": False,
+        }
+        if contact.get("ContactNumber"):
+            out["ContactNumber"] = contact["ContactNumber"]
+        return out
+
+    @staticmethod
+    def _render_lines(lines: Iterable[Mapping[str, Any]], unitdp: int) -> list[dict[str, Any]]:
+        quantum = Decimal(1).scaleb(-unitdp)
+        return [
+            {k: (v.quantize(quantum, rounding=ROUND_HALF_UP) if k == "UnitAmount" and isinstance(v, Decimal) else v)
+             for k, v in line.items()}
+            for line in lines
+        ]
+
+    @staticmethod
+    def _amount_types(element: Mapping[str, Any], errors: list[str]) -> str:
+        raw = str(element.get("LineAmountTypes") or "Exclusive")
+        amount_types = {t.lower(): t for t in _LINE_AMOUNT_TYPES}.get(raw.lower(), "")
+        if not amount_types:
+            errors.append("LineAmountTypes must be Exclusive, Inclusive or NoTax")
+        return amount_types or "Exclusive"
+
+    def _document_currency(self, element: Mapping[str, Any], errors: list[str], default: str | None = None) -> str:
+        currency = str(element.get("CurrencyCode") or default or self.base_currency).upper()
+        if currency not in self._currencies:
+            errors.append(f"The currency code {currency} is not enabled for this organisation.")
+            return self.base_currency
+        return currency
+
+    def _document_dates(self, element: Mapping[str, Any], errors: list[str]) -> tuple[dt.date | None, dt.date | None]:
+        day = wire.parse_date(element["Date"]) if element.get("Date") else self._today()
+        if day is None:
+            errors.append("The Date is not a valid date")
+        due = wire.parse_date(element["DueDate"]) if element.get("DueDate") else None
+        if element.get("DueDate") and due is None:
+            errors.append("The DueDate is not a valid date")
+        return day, due
+
+    def _snapshot(self) -> Any:
+        return copy.deepcopy((self._invoices, self._credit_notes, self._bank_transactions, self._payments,
+                              self._contacts, self._invoice_seq, self._credit_note_seq))
+
+    def _restore(self, snapshot: Any) -> None:
+        (self._invoices, self._credit_notes, self._bank_transactions, self._payments, self._contacts,
+         self._invoice_seq, self._credit_note_seq) = snapshot
+
+    def _echo_document(self, element: Mapping[str, Any], id_field: str, fields: Sequence[str]) -> dict[str, Any]:
+        """A failed element as Xero sends it back: what was sent, normalised, with an empty ID."""
+        out: dict[str, Any] = {id_field: EMPTY_ID, "HasErrors": True}
+        for field in fields:
+            if element.get(field) is not None:
+                out[field] = str(element[field])
+        contact = element.get("Contact")
+        if isinstance(contact, dict):
+            out["Contact"] = {k: str(v) for k, v in contact.items()
+                              if k in {"ContactID", "ContactNumber", "Name"} and v is not None}
+        for field in ("Date", "DueDate"):
+            day = wire.parse_date(element.get(field))
+            if day is not None:
+                out[field] = wire.ms_date(day)
+        return out
+
+    def _save_documents(
+        self,
+        req: SandboxRequest,
+        create_only: bool,
+        *,
+        key: str,
+        id_field: str,
+        label: str,
+        find: Callable[[str], dict[str, Any] | None],
+        new: Callable[[Mapping[str, Any], int], dict[str, Any]],
+        update: Callable[[dict[str, Any], Mapping[str, Any], int], None],
+        render: Callable[[dict[str, Any], int], dict[str, Any]],
+        store: Callable[[], dict[str, dict[str, Any]]],
+        echo: Sequence[str],
+    ) -> SandboxResponse:
+        """PUT (create) or POST (create or update) a batch of credit notes or bank transactions."""
+        elements = self._elements(req, key)
+        if isinstance(elements, SandboxResponse):
+            return elements
+        unitdp = self._unitdp(req)
+        path_id = req.params.get(id_field)
+        snapshot = self._snapshot() if self._summarize(req) else None
+        results: list[tuple[dict[str, Any], list[str]]] = []
+        for element in elements:
+            try:
+                ref = str(element.get(id_field) or path_id or "")
+                existing = None
+                if ref and create_only:
+                    raise _Invalid(f"A {id_field} cannot be set when creating a {label}")
+                if ref and ref.lower() != EMPTY_ID:
+                    existing = find(ref)
+                    if existing is None:
+                        raise _Invalid(f"An existing {label} with the specified {id_field} could not be found")
+                if existing is not None:
+                    update(existing, element, unitdp)
+                    doc = existing
+                else:
+                    doc = new(element, unitdp)
+                    store()[doc[id_field]] = doc
+                results.append((render(doc, unitdp), []))
+            except _Invalid as exc:
+                results.append((self._echo_document(element, id_field, echo), [str(exc)]))
+            except _Errors as exc:
+                results.append((self._echo_document(element, id_field, echo), exc.messages))
+
+        def rollback() -> None:
+            if snapshot is not None:
+                self._restore(snapshot)
+
+        return self._batch(req, key, results, rollback)
+
+    # -- credit notes ------------------------------------------------------------------------------
+    @staticmethod
+    def _allocated(note: Mapping[str, Any]) -> Decimal:
+        return sum((a["Amount"] for a in note.get("Allocations") or [] if not a.get("IsDeleted")), Decimal(0))
+
+    def _find_credit_note(self, ref: str) -> dict[str, Any] | None:
+        note = self._credit_notes.get(ref.lower())
+        if note is None:
+            note = next((n for n in self._credit_notes.values() if n["CreditNoteNumber"] == ref), None)
+        return note
+
+    def _credits_on(self, invoice_id: str) -> list[dict[str, Any]]:
+        """The credit notes allocated to an invoice, as the invoice lists them."""
+        out: list[dict[str, Any]] = []
+        for note in self._credit_notes.values():
+            applied = sum((a["Amount"] for a in note["Allocations"]
+                           if a["InvoiceID"] == invoice_id and not a.get("IsDeleted")), Decimal(0))
+            if applied:
+                out.append({"CreditNoteID": note["CreditNoteID"], "ID": note["CreditNoteID"],
+                            "CreditNoteNumber": note["CreditNoteNumber"], "Date": wire.ms_date(note["Date"]),
+                            "AppliedAmount": applied, "Total": note["Total"], "LineItems": [], "HasErrors": False})
+        return out
+
+    def _render_allocation(self, note: Mapping[str, Any], allocation: Mapping[str, Any]) -> dict[str, Any]:
+        inv = self._invoices.get(allocation["InvoiceID"], {})
+        out: dict[str, Any] = {
+            "AllocationID": allocation["AllocationID"],
+            "Amount": allocation["Amount"],
+            "Date": wire.ms_date(allocation["Date"]),
+            "Invoice": {"InvoiceID": allocation["InvoiceID"], "InvoiceNumber": inv.get("InvoiceNumber", ""),
+                        "Payments": [], "CreditNotes": [], "Prepayments": [], "Overpayments": [], "HasErrors": False,
+                        "IsDiscounted": bool(inv.get("IsDiscounted")), "LineItems": [], "ValidationErrors": []},
+            "CreditNote": {"CreditNoteID": note["CreditNoteID"], "ID": note["CreditNoteID"],
+                           "CreditNoteNumber": note["CreditNoteNumber"], "LineItems": []},
+            "ValidationErrors": [],
+        }
+        if allocation.get("IsDeleted"):
+            out["IsDeleted"] = True
+        return out
+
+    def _render_credit_note(self, note: Mapping[str, Any], *, lines: bool, unitdp: int = 2) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "CreditNoteID": note["CreditNoteID"],
+            "ID": note["CreditNoteID"],
+            "CreditNoteNumber": note["CreditNoteNumber"],
+            "Type": note["Type"],
+            "Reference": note.get("Reference") or "",
+            "Payments": [],
+            "CurrencyRate": note["CurrencyRate"],
+            "RemainingCredit": note["RemainingCredit"],
+            "Allocations": [self._render_allocation(note, a) for a in note["Allocations"] if not a.get("IsDeleted")],
+            "HasAttachments": False,
+            "HasErrors": False,
+            "SentToContact": False,
+            "Contact": self._contact_ref(note["ContactID"]),
+            "DateString": note["Date"].isoformat() + "T00:00:00",
+            "Date": wire.ms_date(note["Date"]),
+            "Status": note["Status"],
+            "LineAmountTypes": note["LineAmountTypes"],
+            "SubTotal": note["SubTotal"],
+            "TotalTax": note["TotalTax"],
+            "Total": note["Total"],
+            "UpdatedDateUTC": wire.ms_datetime(note["UpdatedDateUTC"]),
+            "CurrencyCode": note["CurrencyCode"],
+        }
+        if note.get("DueDate"):
+            out["DueDate"] = wire.ms_date(note["DueDate"])
+        if note.get("FullyPaidOnDate"):
+            out["FullyPaidOnDate"] = wire.ms_date(note["FullyPaidOnDate"])
+        if lines:
+            out["LineItems"] = self._render_lines(note["LineItems"], unitdp)
+        return out
+
+    def _get_credit_notes(self, req: SandboxRequest) -> SandboxResponse:
+        def run() -> SandboxResponse:
+            records = [self._invoice_view(n) for n in self._credit_notes.values()]
+            selected = self._select(req, records, id_field="CreditNoteID")
+            page, pagination = self._paged(req, selected)
+            with_lines = pagination is not None
+            unitdp = self._unitdp(req)
+            rendered = [self._render_credit_note(n, lines=with_lines, unitdp=unitdp) for n in page]
+            return self._envelope("CreditNotes", rendered, pagination)
+
+        return self._reading(run)
+
+    def _get_credit_note(self, req: SandboxRequest) -> SandboxResponse:
+        with self.lock:
+            note = self._find_credit_note(req.params["CreditNoteID"])
+            if note is None:
+                return self.not_found(req)
+            return self._envelope("CreditNotes", [self._render_credit_note(note, lines=True,
+                                                                           unitdp=self._unitdp(req))])
+
+    def _new_credit_note(self, element: Mapping[str, Any], unitdp: int) -> dict[str, Any]:
+        errors: list[str] = []
+        note_type = str(element.get("Type") or "").upper()
+        if note_type not in _CREDIT_TYPES:
+            raise _Invalid("Credit note Type must be ACCRECCREDIT or ACCPAYCREDIT" if note_type
+                           else "Credit note Type must be specified")
+        status = str(element.get("Status") or "DRAFT").upper()
+        if status not in _CREATE_STATUSES:
+            errors.append(f"Credit note not of valid status for creation: {status}")
+        amount_types = self._amount_types(element, errors)
+        currency = self._document_currency(element, errors)
+        day, due = self._document_dates(element, errors)
+        number = (_text(element.get("CreditNoteNumber")) or "").strip() or None
+        if number is not None and len(number) > 255:
+            errors.append("CreditNoteNumber must not be more than 255 characters long.")
+        if note_type == "ACCRECCREDIT" and number is not None and any(
+            n["CreditNoteNumber"] == number and n["Type"] == note_type and n["Status"] != "DELETED"
+            for n in self._credit_notes.values()
+        ):
+            errors.append("Credit Note # must be unique.")
+        contact_id = ""
+        try:
+            contact_id = self._resolve_contact(element.get("Contact"), _CREDIT_TYPES[note_type])
+        except _Invalid as exc:
+            errors.append(str(exc))
+        lines = self._build_lines(element.get("LineItems"), amount_types, currency, unitdp, errors)
+        if not element.get("LineItems") and status != "DRAFT":
+            errors.append("At least one line item must be specified to approve a credit note.")
+        if status == "AUTHORISED" and any(not ln.get("AccountCode") for ln in lines):
+            errors.append("An account code must be specified on each line of an approved credit note.")
+        rate = self._currency_rate(element, currency, day, errors)
+        if errors:
+            raise _Errors(errors)
+        if number is None and note_type == "ACCRECCREDIT":
+            taken = {n["CreditNoteNumber"] for n in self._credit_notes.values()}
+            self._credit_note_seq += 1
+            while f"CN-{self._credit_note_seq:04d}" in taken:
+                self._credit_note_seq += 1
+            number = f"CN-{self._credit_note_seq:04d}"
+        note: dict[str, Any] = {
+            "CreditNoteID": self._uuid(),
+            "Type": note_type,
+            "CreditNoteNumber": number or "",
+            "Reference": _text(element.get("Reference")) or "",
+            "ContactID": contact_id,
+            "Date": day,
+            "DueDate": due,
+            "Status": status,
+            "LineAmountTypes": amount_types,
+            "LineItems": lines,
+            "CurrencyCode": currency,
+            "CurrencyRate": rate,
+            "Allocations": [],
+            "RemainingCredit": Decimal("0.00"),
+            "FullyPaidOnDate": None,
+        }
+        self._totals(note)
+        note["UpdatedDateUTC"] = self._now_dt()
+        self._mark_contact(contact_id, _CREDIT_TYPES[note_type])
+        return note
+
+    def _update_credit_note(self, note: dict[str, Any], element: Mapping[str, Any], unitdp: int) -> None:
+        errors: list[str] = []
+        status = str(element.get("Status") or note["Status"]).upper()
+        current = note["Status"]
+        allowed = {
+            "DRAFT": {"DRAFT", "SUBMITTED", "AUTHORISED", "DELETED"},
+            "SUBMITTED": {"DRAFT", "SUBMITTED", "AUTHORISED", "DELETED"},
+            "AUTHORISED": {"AUTHORISED", "VOIDED"},
+        }.get(current, {current})
+        allocated = self._allocated(note) > 0
+        if status == "VOIDED" and allocated:
+            errors.append("Credit notes with allocations cannot be voided; remove the allocations first")
+        elif status not in allowed:
+            errors.append(f"Credit note status cannot be changed from {current} to {status}")
+        editable = current in {"DRAFT", "SUBMITTED"} or (current == "AUTHORISED" and not allocated)
+        new_lines = None
+        if "LineItems" in element:
+            if not editable:
+                errors.append("This credit note cannot be edited as it has been allocated.")
+            else:
+                new_lines = self._build_lines(element["LineItems"], note["LineAmountTypes"], note["CurrencyCode"],
+                                              unitdp, errors)
+        if status == "AUTHORISED" and any(not ln.get("AccountCode") for ln in new_lines or note["LineItems"]):
+            errors.append("An account code must be specified on each line of an approved credit note.")
+        dates = {f: wire.parse_date(element[f]) for f in ("Date", "DueDate") if element.get(f)}
+        errors += [f"The {f} is not a valid date" for f, day in dates.items() if day is None]
+        if errors:
+            raise _Errors(errors)
+        note["Status"] = status
+        if "Reference" in element:
+            note["Reference"] = _text(element.get("Reference")) or ""
+        note.update(dates)
+        if new_lines is not None:
+            note["LineItems"] = new_lines
+            self._totals(note)
+        note["UpdatedDateUTC"] = self._now_dt()
+
+    def _save_credit_notes(self, req: SandboxRequest, create_only: bool) -> SandboxResponse:
+        return self._save_documents(
+            req, create_only, key="CreditNotes", id_field="CreditNoteID", label="Credit Note",
+            find=self._find_credit_note, new=self._new_credit_note, update=self._update_credit_note,
+            render=lambda n, unitdp: self._render_credit_note(n, lines=True, unitdp=unitdp),
+            store=lambda: self._credit_notes,
+            echo=("Type", "CreditNoteNumber", "Reference", "Status", "LineAmountTypes", "CurrencyCode"),
+        )
+
+    # -- allocations -------------------------------------------------------------------------------
+    def _allocate(self, note: dict[str, Any], inv: dict[str, Any], amount: Decimal, day: dt.date) -> dict[str, Any]:
+        """Apply ``amount`` of a credit note to an invoice (both checked): the invoice's amount due and the credit
+        note's remaining credit drop, and either is PAID once nothing is left."""
+        now = self._now_dt()
+        allocation = {"AllocationID": self._uuid(), "InvoiceID": inv["InvoiceID"], "Amount": amount, "Date": day}
+        note["Allocations"].append(allocation)
+        note["RemainingCredit"] = note["Total"] - self._allocated(note)
+        if note["RemainingCredit"] == 0:
+            note["Status"] = "PAID"
+            note["FullyPaidOnDate"] = day
+        inv["AmountCredited"] = inv["AmountCredited"] + amount
+        inv["AmountDue"] = inv["Total"] - inv["AmountPaid"] - inv["AmountCredited"]
+        if inv["AmountDue"] == 0:
+            inv["Status"] = "PAID"
+            inv["FullyPaidOnDate"] = day
+        note["UpdatedDateUTC"] = inv["UpdatedDateUTC"] = now
+        return allocation
+
+    def _new_allocation(self, note: dict[str, Any], element: Mapping[str, Any]) -> dict[str, Any]:
+        if note["Status"] not in {"AUTHORISED", "PAID"}:
+            raise _Invalid("Only approved credit notes can be allocated")
+        ref = element.get("Invoice")
+        if not isinstance(ref, dict):
+            raise _Invalid("An Invoice must be specified for the allocation")
+        inv = None
+        if ref.get("InvoiceID"):
+            inv = self._invoices.get(str(ref["InvoiceID"]).lower())
+        elif ref.get("InvoiceNumber"):
+            inv = next((i for i in self._invoices.values() if i["InvoiceNumber"] == str(ref["InvoiceNumber"])
+                        and i["Type"] == _CREDIT_TYPES[note["Type"]]), None)
+        if inv is None:
+            raise _Invalid("Invoice could not be found")
+        if inv["Type"] != _CREDIT_TYPES[note["Type"]]:
+            raise _Invalid(f"A credit note of type {note['Type']} can only be allocated to an invoice of type "
+                           f"{_CREDIT_TYPES[note['Type']]}")
+        if inv["ContactID"] != note["ContactID"]:
+            raise _Invalid("The credit note and the invoice must belong to the same contact")
+        if inv["CurrencyCode"] != note["CurrencyCode"]:
+            raise _Invalid("The credit note and the invoice must be in the same currency")
+        if inv["Status"] != "AUTHORISED":
+            raise _Invalid("Credit notes can only be allocated to Authorised invoices")
+        amount = round_money(_dec(element.get("Amount"), "Amount"), note["CurrencyCode"])
+        if amount <= 0:
+            raise _Invalid("The Amount must be greater than zero")
+        if amount > note["RemainingCredit"]:
+            raise _Invalid("The amount being allocated exceeds the remaining credit on this credit note")
+        if amount > inv["AmountDue"]:
+            raise _Invalid("The amount being allocated exceeds the amount outstanding on this invoice")
+        day = wire.parse_date(element.get("Date")) if element.get("Date") else self._today()
+        if day is None:
+            raise _Invalid("The Date is not a valid date")
+        return self._allocate(note, inv, amount, day)
+
+    def _save_allocations(self, req: SandboxRequest, create_only: bool) -> SandboxResponse:
+        note = self._find_credit_note(req.params["CreditNoteID"])
+        if note is None:
+            return self.not_found(req)
+        elements = self._elements(req, "Allocations")
+        if isinstance(elements, SandboxResponse):
+            return elements
+        snapshot = self._snapshot() if self._summarize(req) else None
+        results: list[tuple[dict[str, Any], list[str]]] = []
+        for element in elements:
+            try:
+                allocation = self._new_allocation(note, element)
+                results.append((self._render_allocation(note, allocation), []))
+            except _Invalid as exc:
+                echo: dict[str, Any] = {"CreditNote": {"CreditNoteID": note["CreditNoteID"]}}
+                invoice = element.get("Invoice")
+                if isinstance(invoice, dict) and invoice.get("InvoiceID"):
+                    echo["Invoice"] = {"InvoiceID": str(invoice["InvoiceID"])}
+                try:
+                    if element.get("Amount") is not None:
+                        echo["Amount"] = _dec(element["Amount"], "Amount")
+                except _Invalid:
+                    pass
+                results.append((echo, [str(exc)]))
+
+        def rollback() -> None:
+            if snapshot is not None:
+                self._restore(snapshot)
+
+        return self._batch(req, "Allocations", results, rollback)
+
+    def _delete_allocation(self, req: SandboxRequest, create_only: bool) -> SandboxResponse:
+        note = self._find_credit_note(req.params["CreditNoteID"])
+        wanted = req.params["AllocationID"].lower()
+        allocation = None if note is None else next(
+            (a for a in note["Allocations"] if a["AllocationID"] == wanted and not a.get("IsDeleted")), None)
+        if note is None or allocation is None:
+            return self.not_found(req)
+        inv = self._invoices[allocation["InvoiceID"]]
+        now = self._now_dt()
+        allocation["IsDeleted"] = True
+        note["RemainingCredit"] = note["Total"] - self._allocated(note)
+        if note["Status"] == "PAID":
+            note["Status"], note["FullyPaidOnDate"] = "AUTHORISED", None
+        inv["AmountCredited"] = inv["AmountCredited"] - allocation["Amount"]
+        inv["AmountDue"] = inv["Total"] - inv["AmountPaid"] - inv["AmountCredited"]
+        if inv["Status"] == "PAID" and inv["AmountDue"] > 0:
+            inv["Status"], inv["FullyPaidOnDate"] = "AUTHORISED", None
+        note["UpdatedDateUTC"] = inv["UpdatedDateUTC"] = now
+        return self._json(200, self._render_allocation(note, allocation))
+
+    # -- bank transactions -------------------------------------------------------------------------
+    def _find_bank_transaction(self, ref: str) -> dict[str, Any] | None:
+        return self._bank_transactions.get(ref.lower())
+
+    def _bank_account(self, raw: Any) -> dict[str, Any]:
+        account = None
+        if isinstance(raw, dict):
+            if raw.get("Code"):
+                account = self._accounts.get(str(raw["Code"]))
+            elif raw.get("AccountID"):
+                account = next((a for a in self._accounts.values()
+                                if a["AccountID"] == str(raw["AccountID"]).lower()), None)
+        if account is None:
+            raise _Invalid("A valid BankAccount must be specified")
+        if account["Type"] != "BANK":
+            raise _Invalid(f"Account {account['Code']} is not a bank account")
+        return account
+
+    def _render_bank_transaction(self, tx: Mapping[str, Any], *, lines: bool, unitdp: int = 2) -> dict[str, Any]:
+        account = self._accounts[tx["BankAccountCode"]]
+        out: dict[str, Any] = {
+            "BankTransactionID": tx["BankTransactionID"],
+            "Type": tx["Type"],
+            "Contact": self._contact_ref(tx["ContactID"]),
+            "BankAccount": {"AccountID": account["AccountID"], "Code": account["Code"], "Name": account["Name"]},
+            "IsReconciled": tx["IsReconciled"],
+            "Date": wire.ms_date(tx["Date"]),
+            "Reference": tx.get("Reference") or "",
+            "CurrencyCode": tx["CurrencyCode"],
+            "CurrencyRate": tx["CurrencyRate"],
+            "Status": tx["Status"],
+            "LineAmountTypes": tx["LineAmountTypes"],
+            "SubTotal": tx["SubTotal"],
+            "TotalTax": tx["TotalTax"],
+            "Total": tx["Total"],
+            "UpdatedDateUTC": wire.ms_datetime(tx["UpdatedDateUTC"]),
+            "HasAttachments": False,
+        }
+        if lines:
+            out["LineItems"] = self._render_lines(tx["LineItems"], unitdp)
+        return out
+
+    def _bank_view(self, tx: Mapping[str, Any]) -> dict[str, Any]:
+        view = self._invoice_view(tx)
+        view["BankAccount"] = {"Code": tx["BankAccountCode"], "AccountID": self._accounts[tx["BankAccountCode"]][
+            "AccountID"]}
+        return view
+
+    def _get_bank_transactions(self, req: SandboxRequest) -> SandboxResponse:
+        def run() -> SandboxResponse:
+            records = [self._bank_view(t) for t in self._bank_transactions.values()]
+            selected = self._select(req, records, id_field="BankTransactionID")
+            page, pagination = self._paged(req, selected)
+            unitdp = self._unitdp(req)
+            rendered = [self._render_bank_transaction(t, lines=pagination is not None, unitdp=unitdp) for t in page]
+            return self._envelope("BankTransactions", rendered, pagination)
+
+        return self._reading(run)
+
+    def _get_bank_transaction(self, req: SandboxRequest) -> SandboxResponse:
+        with self.lock:
+            tx = self._find_bank_transaction(req.params["BankTransactionID"])
+            if tx is None:
+                return self.not_found(req)
+            return self._envelope("BankTransactions", [self._render_bank_transaction(tx, lines=True,
+                                                                                     unitdp=self._unitdp(req))])
+
+    def _new_bank_transaction(self, element: Mapping[str, Any], unitdp: int) -> dict[str, Any]:
+        errors: list[str] = []
+        kind = str(element.get("Type") or "").upper()
+        if kind not in _BANK_TYPES:
+            raise _Invalid("Bank transaction Type must be SPEND or RECEIVE" if kind
+                           else "Bank transaction Type must be specified")
+        doc_type = "ACCPAY" if kind == "SPEND" else "ACCREC"
+        status = str(element.get("Status") or "AUTHORISED").upper()
+        if status != "AUTHORISED":
+            errors.append(f"Bank transaction not of valid status for creation: {status}")
+        amount_types = self._amount_types(element, errors)
+        account: dict[str, Any] | None = None
+        try:
+            account = self._bank_account(element.get("BankAccount"))
+        except _Invalid as exc:
+            errors.append(str(exc))
+        account_currency = (account or {}).get("CurrencyCode") or self.base_currency
+        currency = self._document_currency(element, errors, default=account_currency)
+        if currency != account_currency:
+            errors.append(f"The currency of a bank transaction must be the currency of its bank account "
+                          f"({account_currency})")
+        day, _due = self._document_dates(element, errors)
+        contact_id = ""
+        try:
+            contact_id = self._resolve_contact(element.get("Contact"), doc_type)
+        except _Invalid as exc:
+            errors.append(str(exc))
+        lines = self._build_lines(element.get("LineItems"), amount_types, currency, unitdp, errors)
+        if not element.get("LineItems"):
+            errors.append("At least one line item must be specified")
+        if any(not ln.get("AccountCode") for ln in lines):
+            errors.append("An account code must be specified on each line of a bank transaction.")
+        rate = self._currency_rate(element, currency, day, errors)
+        if errors or account is None:
+            raise _Errors(errors)
+        tx: dict[str, Any] = {
+            "BankTransactionID": self._uuid(),
+            "Type": kind,
+            "ContactID": contact_id,
+            "BankAccountCode": account["Code"],
+            "Date": day,
+            "Reference": _text(element.get("Reference")) or "",
+            "Status": status,
+            "LineAmountTypes": amount_types,
+            "LineItems": lines,
+            "CurrencyCode": currency,
+            "CurrencyRate": rate,
+            "IsReconciled": bool(element.get("IsReconciled")),
+        }
+        self._totals(tx)
+        tx["UpdatedDateUTC"] = self._now_dt()
+        self._mark_contact(contact_id, doc_type)
+        return tx
+
+    def _update_bank_transaction(self, tx: dict[str, Any], element: Mapping[str, Any], unitdp: int) -> None:
+        errors: list[str] = []
+        status = str(element.get("Status") or tx["Status"]).upper()
+        current = tx["Status"]
+        allowed = {"AUTHORISED": {"AUTHORISED", "DELETED", "VOIDED"}}.get(current, {current})
+        if status not in allowed:
+            errors.append(f"Bank transaction status cannot be changed from {current} to {status}")
+        new_lines = None
+        if "LineItems" in element:
+            if current != "AUTHORISED":
+                errors.append("A deleted bank transaction cannot be edited")
+            else:
+                new_lines = self._build_lines(element["LineItems"], tx["LineAmountTypes"], tx["CurrencyCode"],
+                                              unitdp, errors)
+                if any(not ln.get("AccountCode") for ln in new_lines):
+                    errors.append("An account code must be specified on each line of a bank transaction.")
+        day = wire.parse_date(element["Date"]) if element.get("Date") else None
+        if element.get("Date") and day is None:
+            errors.append("The Date is not a valid date")
+        if errors:
+            raise _Errors(errors)
+        tx["Status"] = status
+        if "Reference" in element:
+            tx["Reference"] = _text(element.get("Reference")) or ""
+        if day is not None:
+            tx["Date"] = day
+        if new_lines is not None:
+            tx["LineItems"] = new_lines
+            self._totals(tx)
+        tx["UpdatedDateUTC"] = self._now_dt()
+
+    def _save_bank_transactions(self, req: SandboxRequest, create_only: bool) -> SandboxResponse:
+        return self._save_documents(
+            req, create_only, key="BankTransactions", id_field="BankTransactionID", label="Bank Transaction",
+            find=self._find_bank_transaction, new=self._new_bank_transaction, update=self._update_bank_transaction,
+            render=lambda t, unitdp: self._render_bank_transaction(t, lines=True, unitdp=unitdp),
+            store=lambda: self._bank_transactions,
+            echo=("Type", "Reference", "Status", "LineAmountTypes", "CurrencyCode"),
+        )
+
+    # == webhooks (sending) ===========================================================================
+    # Xero's webhooks: INVOICE and CREDITNOTE events (CREATE, UPDATE) as ``{"events": [...],
+    # "firstEventSequence", "lastEventSequence", "entropy"}``, at most 100 events a request, signed with the
+    # webhook key (``x-xero-signature``: base64 HMAC-SHA256 of the raw body). Changes are found by comparing the
+    # documents every ``poll_s`` (0.1 s) with what was last sent, so every way a document changes (API writes,
+    # payments, allocations, the admin endpoints) is reported. Off until POST /_sandbox/webhooks {"url",
+    # "webhook_key"? (generated and answered once when absent), "deliveries"?, ...} (see
+    # connectors.sandboxwebhooks); POST /_sandbox/webhooks/intent-to-receive runs Xero's "intent to receive"
+    # check against the target. Not persisted: save() writes no registration and load() keeps the one in force.
+
+    _webhook_sender: WebhookSender | None = None
+    _webhook_state: dict[str, Any] | None = None
+
+    def _webhook_admin(self, req: SandboxRequest) -> SandboxResponse:
+        if req.path.rstrip("/") == "/_sandbox/webhooks/intent-to-receive" and req.method == "POST":
+            return SandboxResponse(200, compact_json(self.webhook_intent_to_receive()),
+                                   {"Content-Type": "application/json"})
+        resp, self._webhook_sender = webhook_admin(req, self._webhook_sender, self._webhook_start)
+        return resp
+
+    def _webhook_start(self, body: Any) -> tuple[WebhookSender, dict[str, Any]]:
+        key = body.get("webhook_key")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ValueError("'webhook_key' must be a non-empty string (omit it to have one generated)")
+        key = key or random_key()
+        target = WebhookTarget.from_body(body, batch_size=100)
+        with self.lock:
+            state: dict[str, Any] = {"key": key, "url": target.url, "seen": {}, "sequence": 0}
+            self._webhook_state = state
+            self._webhook_changes(state)  # what exists now is the baseline, not news
+
+        def build(events: list[dict[str, Any]], attempt: int) -> tuple[bytes, dict[str, str]]:
+            payload = compact_json({
+                "events": [{k: v for k, v in e.items() if k != "_sequence"} for e in events],
+                "firstEventSequence": events[0]["_sequence"], "lastEventSequence": events[-1]["_sequence"],
+                "entropy": random_letters(),
+            })
+            return payload, {"Content-Type": "application/json", "x-xero-signature": sign_xero(key, payload)}
+
+        def poll() -> list[dict[str, Any]]:
+            with self.lock:
+                return self._webhook_changes(state) if self._webhook_state is state else []
+
+        sender = WebhookSender(target, build, name="xero-webhooks", poll=poll,
+                               poll_s=float(body.get("poll_s", 0.1)))
+        return sender, ({"webhook_key": key} if body.get("webhook_key") is None else {})
+
+    def _webhook_changes(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Events for the documents created or changed since the last call (under ``self.lock``)."""
+        seen: dict[str, tuple[Any, ...]] = state["seen"]
+        events: list[dict[str, Any]] = []
+        for category, path, id_field, docs in (("INVOICE", "Invoices", "InvoiceID", self._invoices),
+                                               ("CREDITNOTE", "CreditNotes", "CreditNoteID",
+                                                getattr(self, "_credit_notes", {}))):
+            for doc_id, doc in docs.items():
+                marker = tuple(doc.get(k) for k in ("UpdatedDateUTC", "Status", "Total", "AmountPaid",
+                                                      "AmountCredited", "AmountDue", "RemainingCredit"))
+                before = seen.get(f"{category}:{doc_id}")
+                if before == marker:
+                    continue
+                seen[f"{category}:{doc_id}"] = marker
+                state["sequence"] += 1
+                updated = doc.get("UpdatedDateUTC")
+                event: dict[str, Any] = {
+                    "resourceUrl": f"{self.base_url}{API_PREFIX}/{path}/{doc[id_field]}",
+                    "resourceId": doc[id_field], "tenantId": self.tenant_id, "tenantType": "ORGANISATION",
+                    "eventCategory": category, "eventType": "CREATE" if before is None else "UPDATE",
+                    "eventDateUtc": iso_ms_utc(updated.timestamp() if isinstance(updated, dt.datetime)
+                                               else self.clock.now(), zulu=False),
+                    "_sequence": state["sequence"],
+                }
+                if category == "CREDITNOTE":
+                    event["data"] = {"Type": doc.get("Type"), "Status": doc.get("Status")}
+                events.append(event)
+        return events
+
+    def webhook_intent_to_receive(self) -> dict[str, Any]:
+        """Xero's "intent to receive" check: payloads with no events, one signed with the webhook key and one
+        not, to the registered URL; the endpoint passes when it answers 200 and 401 respectively, within 5 s."""
+        state, sender = self._webhook_state, self._webhook_sender
+        if state is None or sender is None:
+            return {"ok": False, "message": "no webhook is registered"}
+        answers: list[dict[str, Any]] = []
+        ok = True
+        for correct in (True, False):
+            body = compact_json({"events": [], "firstEventSequence": 0, "lastEventSequence": 0,
+                                 "entropy": random_letters()})
+            key = state["key"] if correct else random_key()
+            status, seconds = post_once(state["url"], body, {"Content-Type": "application/json",
+                                                             "x-xero-signature": sign_xero(key, body)})
+            answers.append({"signature": "correct" if correct else "incorrect", "status": status,
+                            "expected": 200 if correct else 401, "seconds": round(seconds, 3)})
+            ok = ok and status == (200 if correct else 401) and seconds < 5
+        return {"ok": ok, "answers": answers}
+
+    def webhook_sender(self) -> WebhookSender | None:
+        """The sender in force (None while sending is off)."""
+        return self._webhook_sender
+
 
 class _Errors(Exception):
     def __init__(self, messages: list[str]) -> None:
         super().__init__("; ".join(messages))
         self.messages = messages
+
+
+@contextlib.contextmanager
+def _plain_errors() -> Iterator[None]:
+    """A refused record in an in-process helper (not an API call) is a ValueError with Xero's message."""
+    try:
+        yield
+    except (_Invalid, _Errors) as exc:
+        raise ValueError(str(exc)) from None
 
 
 class _Query(Exception):

@@ -37,6 +37,9 @@ class XeroSettings(LedgerSettings):
     time_scale: float = Field(default=1.0, gt=0)
     refresh_margin_s: float = Field(default=300.0, ge=0, description="Refresh this long before expiry")
     page_size: int = Field(default=1000, ge=1, le=1000, description="Records per page on list calls")
+    webhook_key: SecretStr | None = Field(
+        default=None, description="The webhook key Xero shows for the app's webhook: checks the "
+        "x-xero-signature of the webhooks Xero sends to /webhooks/<pipeline>/xero (refused while unset)")
 
     @property
     def api_url(self) -> str:

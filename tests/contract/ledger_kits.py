@@ -4,8 +4,9 @@ The suite in ``test_ledger_contract.py`` is vendor-neutral; everything it cannot
 :class:`~connectors.interfaces.Ledger` lives here: how to build the sandbox and the settings block that points the
 connector at it (with the static credential or the OAuth app), the company's tax types for 20 % and 5.5 %, which
 tax type and customer id do not exist, where the sandbox lists its customers and which field carries the external
-number, the user actions a test performs in the ledger (recording a payment), and how to expire or revoke a
-credential.
+number, the user actions a test performs in the ledger (recording a payment, a credit note allocated to an invoice,
+a purchase booked to an expense account), the company's base currency and expense accounts, and how to expire or
+revoke a credential.
 
 A new ledger connector registered under ``ledgerbridge.ledger`` gets a subclass of :class:`LedgerKit` added to
 :data:`KITS`; until then the contract suite fails for it.
@@ -14,6 +15,7 @@ A new ledger connector registered under ``ledgerbridge.ledger`` gets a subclass 
 from __future__ import annotations
 
 import abc
+import datetime as dt
 from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
 
@@ -67,6 +69,15 @@ class LedgerKit(abc.ABC):
     rotates_refresh_tokens: ClassVar[bool] = False
     #: Whether the default settings block already uses the OAuth flow (no static credential exists).
     oauth_only: ClassVar[bool] = False
+    #: The company's home currency, and a currency it also invoices in (the sandbox records a rate for it).
+    base_currency: ClassVar[str] = "EUR"
+    foreign_currency: ClassVar[str] = "USD"
+    #: Bounds of what one unit of the foreign currency is worth in the home currency on the sandbox's invoices: the
+    #: sandboxes quote the dollar near the seed book's 1.08 per euro, so a rate read the wrong way round falls out.
+    foreign_rate_bounds: ClassVar[tuple[Decimal, Decimal]] = (Decimal("0.85"), Decimal("1.00"))
+    #: Two expense accounts of the company (what ``ExpenseLine.account_code`` carries): purchases are booked to
+    #: the first, and ``list_expenses`` for the first alone must leave the second out.
+    expense_accounts: ClassVar[tuple[str, str]]
 
     # -- sandbox and settings ------------------------------------------------------------------------------
     def build(self, *, clock: Clock, faults: str | None = None) -> SandboxApp:
@@ -92,6 +103,17 @@ class LedgerKit(abc.ABC):
     @abc.abstractmethod
     def pay(self, sb: SandboxApp, invoice_id: str, amount: Decimal) -> str:
         """Record a payment of ``amount`` against an invoice, as a person would; returns the payment's id."""
+
+    @abc.abstractmethod
+    def add_credit_note(self, sb: SandboxApp, invoice_id: str, amount: Decimal, day: dt.date) -> str:
+        """Issue a sales credit note of ``amount`` (tax included) dated ``day`` for the customer and currency of an
+        open invoice and apply all of it to that invoice on ``day``, as a person would (through the sandbox's API or
+        its admin); returns the credit note's id (``CreditNote.ledger_id``)."""
+
+    @abc.abstractmethod
+    def add_expense(self, sb: SandboxApp, account_code: str, day: dt.date, net: Decimal, description: str) -> str:
+        """Book an approved purchase (a supplier bill, an expense) in the base currency dated ``day``, with one line
+        of ``net`` before tax on ``account_code``, as a person would; returns the purchase document's id."""
 
     # -- credentials -----------------------------------------------------------------------------------------
     def expire_access(self, sb: SandboxApp) -> None:
@@ -119,6 +141,7 @@ class XeroKit(LedgerKit):
     token_endpoint = "POST /connect/token"
     rotates_refresh_tokens = True
     oauth_only = True
+    expense_accounts = ("6231", "6251")
 
     def number_of(self, row: dict[str, Any]) -> str | None:
         number = row.get("ContactNumber")
@@ -129,6 +152,12 @@ class XeroKit(LedgerKit):
 
     def pay(self, sb: SandboxApp, invoice_id: str, amount: Decimal) -> str:
         return str(_as(sb, XeroSandbox).create_payment(invoice_id, amount)["PaymentID"])
+
+    def add_credit_note(self, sb: SandboxApp, invoice_id: str, amount: Decimal, day: dt.date) -> str:
+        return str(_as(sb, XeroSandbox).create_credit_note(invoice_id, amount, day)["CreditNoteID"])
+
+    def add_expense(self, sb: SandboxApp, account_code: str, day: dt.date, net: Decimal, description: str) -> str:
+        return str(_as(sb, XeroSandbox).create_bill(account_code, day, net, description)["InvoiceID"])
 
     def expire_access(self, sb: SandboxApp) -> None:
         _as(sb, XeroSandbox).expire_access_tokens()
@@ -153,6 +182,7 @@ class QuickBooksKit(LedgerKit):
     token_endpoint = "POST /oauth2/v1/tokens/bearer"
     rotates_refresh_tokens = True
     oauth_only = True
+    expense_accounts = ("6231", "6226")
 
     def number_of(self, row: dict[str, Any]) -> str | None:
         return qbo_wire.note_value(row.get("Notes"), qbo_wire.NUMBER_TAG)
@@ -162,6 +192,13 @@ class QuickBooksKit(LedgerKit):
 
     def pay(self, sb: SandboxApp, invoice_id: str, amount: Decimal) -> str:
         return str(_as(sb, QuickBooksSandbox).create_payment(invoice_id, amount)["Id"])
+
+    def add_credit_note(self, sb: SandboxApp, invoice_id: str, amount: Decimal, day: dt.date) -> str:
+        # A credit memo, applied to the invoice by a payment of no money that links both.
+        return str(_as(sb, QuickBooksSandbox).credit_invoice(invoice_id, gross=amount, day=day)["Id"])
+
+    def add_expense(self, sb: SandboxApp, account_code: str, day: dt.date, net: Decimal, description: str) -> str:
+        return str(_as(sb, QuickBooksSandbox).add_expense(account_code, day, net, description=description)["Id"])
 
     def expire_access(self, sb: SandboxApp) -> None:
         _as(sb, QuickBooksSandbox).expire_access_tokens()
@@ -185,6 +222,7 @@ class PennylaneKit(LedgerKit):
     unknown_customer_id = "999999"
     token_endpoint = "POST /oauth/oauth/token"
     rotates_refresh_tokens = True
+    expense_accounts = ("6231", "6226")
 
     def settings(self, sb: SandboxApp, url: str, *, oauth: bool = False) -> dict[str, Any]:
         block = ledger_sandbox_settings(self.vendor, url, time_scale=SCALE)
@@ -203,6 +241,14 @@ class PennylaneKit(LedgerKit):
 
     def pay(self, sb: SandboxApp, invoice_id: str, amount: Decimal) -> str:
         return str(_as(sb, PennylaneSandbox).create_payment(int(invoice_id), amount)["id"])
+
+    def add_credit_note(self, sb: SandboxApp, invoice_id: str, amount: Decimal, day: dt.date) -> str:
+        # A credit note (negative amounts) created for the invoice, which it credits (credited_invoice).
+        return str(_as(sb, PennylaneSandbox).credit_invoice(int(invoice_id), amount, day)["id"])
+
+    def add_expense(self, sb: SandboxApp, account_code: str, day: dt.date, net: Decimal, description: str) -> str:
+        # A supplier invoice, whose line the accountant books to the expense account.
+        return str(_as(sb, PennylaneSandbox).add_supplier_invoice(account_code, day, net, description)["id"])
 
     def expire_access(self, sb: SandboxApp) -> None:
         # OAuth access tokens live a day on the sandbox clock: two days later every one issued is expired.

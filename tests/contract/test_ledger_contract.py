@@ -24,6 +24,7 @@ from connectors.interfaces import CreateOutcome, InvoiceRequest, Ledger, LedgerC
 from connectors.registry import available, connector_class, registered
 from connectors.sandboxkit import Fault, FaultPlan, SandboxApp, SandboxServer, serve
 from connectors.seedbook import PRODUCTS, generate_book
+from connectors.seedhistory import book_customer
 from connectors.xero import XeroLedger
 from connectors.xero.testing import MemoryTokenStore
 from tests.contract.ledger_kits import KITS, SCALE, SEED, LedgerKit, StepClock
@@ -31,6 +32,7 @@ from tests.contract.ledger_kits import KITS, SCALE, SEED, LedgerKit, StepClock
 VENDORS = available("ledger")
 FAULTS = "429=0.2,503=0.2"
 ISSUED = dt.date(2026, 1, 15)
+CREDITED = dt.date(2026, 1, 20)
 GONE = {"DELETED", "VOIDED"}
 PAID = Decimal("100.00")
 P20 = next(p for p in PRODUCTS if p.tax_rate == Decimal("20"))
@@ -92,6 +94,13 @@ def book_customers(n: int) -> list[tuple[str, Customer]]:
         siret=c.siret, country=c.country, currency=c.currency,
         address=Address(line1=c.address, city=c.city, postal_code=c.postal_code, country=c.country),
     )) for c in picked]
+
+
+def book_customer_in(currency: str) -> tuple[str, Customer]:
+    """A company of the seeded book that is invoiced in ``currency`` (a US company for USD), with its number."""
+    book = generate_book(SEED, companies=40, deals=1)
+    company = next(c for c in book.companies if c.currency == currency)
+    return f"CRM-{company.id}", book_customer(company)
 
 
 def invoice_lines(kit: LedgerKit, n: int, tax_20: str | None = None) -> list[InvoiceLine]:
@@ -512,8 +521,8 @@ def test_an_expired_access_token_is_refreshed_once_and_the_rotation_kept(vendor:
 
     Xero and QuickBooks (always OAuth) and Pennylane (its OAuth app option): the listing completes after exactly
     one call to the sandbox's token endpoint, the token store then holds the new (rotated) refresh token, and a new
-    instance on the same store makes no token call, even with a dead initial refresh token. A ledger with no OAuth
-    flow instead gets its static token revoked mid-listing: an AuthError whose text carries no token.
+    instance on the same store makes no token call, although its configured refresh token is used up. A ledger with
+    no OAuth flow instead gets its static token revoked mid-listing: an AuthError whose text carries no token.
     """
     kit = kit_for(vendor)
     endpoint = kit.token_endpoint
@@ -554,8 +563,9 @@ def test_an_expired_access_token_is_refreshed_once_and_the_rotation_kept(vendor:
         assert stored["refresh_token"] not in {initial, before["refresh_token"]}
     else:
         assert stored["refresh_token"] == initial
-    later = env.ledger(refresh_token="contract-long-dead-refresh-token") if kit.rotates_refresh_tokens \
-        else env.ledger()
+    # The configured refresh token was used up by the first refresh (rotating ledgers): a new instance with the same
+    # configuration takes the stored chain, not the configured token (a different configured token would replace it).
+    later = env.ledger()
     refs = [r.invoice.reference for r in reqs[:2]]
     assert set(later.find_invoices_by_reference(refs)) == set(refs)
     assert later.stats.by_endpoint.get(endpoint, 0) == 0
@@ -600,3 +610,116 @@ def test_bad_credentials_are_an_auth_error_and_no_vendor_exception_escapes(vendo
     assert rejected.error
     assert all(secret not in rejected.error for secret in env.secrets(bad))
     assert env.live() == {}
+
+
+@each_ledger
+def test_paid_and_part_paid_invoices_read_back_with_due_dates_amounts_and_a_link(vendor: str, books: OpenBooks) -> None:
+    """list_invoices gives the due date, amount paid and amount due; an invoice paid in full is "paid"; the base
+    currency is the company's; a home-currency invoice has no rate or 1; invoice_url is None or an https address
+    naming the invoice."""
+    env = books(vendor)
+    led = env.ledger()
+    assert led.base_currency() == env.kit.base_currency
+    cid = env.customer(led)
+    reqs = env.requests("settled", cid, 3)
+    ids = [check_created(o, r) for r, o in zip(reqs, env.create(led, reqs, "contract-settled"), strict=True)]
+    full = reqs[0].invoice.total
+    env.kit.pay(env.sandbox, ids[0], full)
+    env.kit.pay(env.sandbox, ids[1], PAID)
+    got = {i.ledger_id: i for i in env.ledger().list_invoices(None)}
+    assert set(got) == set(ids)
+    expected = [("paid", full, Decimal(0)), ("authorised", PAID, reqs[1].invoice.total - PAID),
+                ("authorised", Decimal(0), reqs[2].invoice.total)]
+    for invoice_id, req, (status, paid, due) in zip(ids, reqs, expected, strict=True):
+        invoice = got[invoice_id]
+        assert invoice.status == status, req.invoice.reference
+        assert (invoice.amount_paid or Decimal(0), invoice.amount_due) == (paid, due), req.invoice.reference
+        assert invoice.due_date == req.invoice.due_date
+        assert invoice.exchange_rate in (None, Decimal(1))
+        url = led.invoice_url(invoice)
+        assert url is None or (url.startswith("https://") and invoice_id in url), url
+
+
+@each_ledger
+def test_a_credit_note_applied_to_an_invoice_is_listed_with_its_allocation(vendor: str, books: OpenBooks) -> None:
+    """A credit note applied to an invoice is listed (since a time before it) with its customer, total, date and
+    allocation, and nothing left to apply; the invoice is listed as changed with its amount due lowered by it."""
+    env = books(vendor)
+    led = env.ledger()
+    cid = env.customer(led)
+    [req] = env.requests("credited", cid, 1)
+    [invoice_id] = [check_created(o, r) for r, o in zip([req], env.create(led, [req], "contract-credited"),
+                                                          strict=True)]
+    assert list(env.ledger().list_credit_notes(None)) == []
+    env.clock.advance(120)
+    since = env.now()
+    env.clock.advance(60)
+    credit = Decimal("120.00")
+    note_id = env.kit.add_credit_note(env.sandbox, invoice_id, credit, CREDITED)
+    notes = {n.ledger_id: n for n in env.ledger().list_credit_notes(since)}
+    assert set(notes) == {note_id}
+    note = notes[note_id]
+    assert note.customer_ledger_id == cid
+    assert (note.currency, note.issue_date, note.total, note.remaining) == (env.kit.base_currency, CREDITED, credit,
+                                                                            Decimal(0))
+    assert Decimal(0) < note.subtotal <= note.total
+    assert note.status in {"authorised", "paid"}
+    assert isinstance(note.total, Decimal)
+    assert [(a.invoice_ledger_id, a.amount, a.date) for a in note.allocations] == [(invoice_id, credit, CREDITED)]
+    assert {n.ledger_id for n in env.ledger().list_credit_notes(None)} == {note_id}
+    [invoice] = [i for i in env.ledger().list_invoices(since) if i.ledger_id == invoice_id]
+    assert invoice.amount_due == req.invoice.total - credit
+    assert invoice.status == "authorised"
+    env.clock.advance(120)
+    assert list(env.ledger().list_credit_notes(env.now())) == []
+
+
+@each_ledger
+def test_a_foreign_currency_invoice_carries_the_rate_the_ledger_recorded(vendor: str, books: OpenBooks) -> None:
+    """An invoice in the foreign currency reads back with an exchange rate in home-currency units per unit of its
+    currency (within the kit's bounds, so a rate read the wrong way round fails); the home one has none or 1."""
+    env = books(vendor)
+    kit = env.kit
+    led = env.ledger()
+    number, customer = book_customer_in(kit.foreign_currency)
+    created = led.create_customers([(number, customer)], "contract-foreign-customer")
+    assert number in created
+    home = env.request("home", env.customer(led))
+    invoice = Invoice(reference="LB-contract:foreign", currency=kit.foreign_currency, lines=invoice_lines(kit, 1),
+                      issue_date=ISSUED, due_date=ISSUED + dt.timedelta(days=30), status="authorised")
+    foreign = InvoiceRequest(idempotency_key="intent-foreign", invoice=invoice,
+                             customer_ledger_id=created[number].ledger_id)
+    ids = [check_created(o, r) for r, o in zip([home, foreign], env.create(led, [home, foreign], "contract-foreign"),
+                                                strict=True)]
+    got = {i.ledger_id: i for i in env.ledger().list_invoices(None)}
+    assert got[ids[0]].exchange_rate in (None, Decimal(1))
+    rate = got[ids[1]].exchange_rate
+    low, high = kit.foreign_rate_bounds
+    assert rate is not None
+    assert low < rate < high, rate
+
+
+@each_ledger
+def test_expenses_are_the_lines_of_the_asked_accounts_within_the_dates(vendor: str, books: OpenBooks) -> None:
+    """list_expenses gives the purchase lines of the accounts asked, dated within [start, end] (both ends in), net
+    of tax, in the base currency; lines of another account or outside the dates are left out."""
+    env = books(vendor)
+    kit = env.kit
+    led = env.ledger()
+    mapped, other = kit.expense_accounts
+    start, end = dt.date(2026, 1, 1), dt.date(2026, 1, 31)
+    kit.add_expense(env.sandbox, mapped, dt.date(2026, 1, 12), Decimal("1250.40"), "Campagne de recherche – janvier")
+    kit.add_expense(env.sandbox, other, dt.date(2026, 1, 14), Decimal("310.00"), "Déplacement client")
+    kit.add_expense(env.sandbox, mapped, dt.date(2025, 12, 31), Decimal("999.00"), "Campagne de recherche – décembre")
+    kit.add_expense(env.sandbox, mapped, dt.date(2026, 2, 1), Decimal("888.00"), "Campagne de recherche – février")
+    kit.add_expense(env.sandbox, mapped, end, Decimal("75.25"), "Campagne de recherche – fin de mois")
+    lines = list(env.ledger().list_expenses([mapped], start, end))
+    assert sorted((ln.date, ln.account_code, ln.net, ln.currency) for ln in lines) == [
+        (dt.date(2026, 1, 12), mapped, Decimal("1250.40"), kit.base_currency),
+        (end, mapped, Decimal("75.25"), kit.base_currency),
+    ]
+    assert len({ln.ledger_id for ln in lines}) == 2
+    assert all(ln.exchange_rate in (None, Decimal(1)) for ln in lines)
+    both = list(env.ledger().list_expenses([mapped, other], start, end))
+    assert sorted(ln.net for ln in both) == [Decimal("75.25"), Decimal("310.00"), Decimal("1250.40")]
+    assert list(led.list_expenses([mapped], dt.date(2026, 3, 1), dt.date(2026, 3, 31))) == []

@@ -145,7 +145,8 @@ def test_until_bounds_the_pull_and_changes_come_back(env: Callable[..., Env]) ->
 
 
 def test_won_deals_carry_customer_and_effective_lines(env: Callable[..., Env], book: Book) -> None:
-    """Won deals carry the book's customer and the accepted quote's lines when there is one, else the deal's."""
+    """Won deals carry the book's customer and the accepted quote's lines when there is one, else the deal's;
+    open and lost deals carry their customer too, without lines."""
     groups = {k: str(v) for k, v in HubSpotSandbox().tax_rate_groups().items()}
     sb, src = env(tax_rate_property=None, tax_rate_groups=groups)  # rates read through hs_tax_rate_group_id
     by_id: dict[str, Deal] = {d.crm_id: d for p in pull(src) for d in p.deals}
@@ -159,14 +160,14 @@ def test_won_deals_carry_customer_and_effective_lines(env: Callable[..., Env], b
         assert deal.amount == bd.amount
         assert deal.acquisition_source == bd.acquisition_source
         assert deal.name == bd.name
-        if not bd.is_won:
-            assert deal.customer is None
-            assert deal.line_items == []
-            continue
         company = book.company(bd.company_id)
         c = deal.customer
         assert c is not None
         assert c.crm_id == company_ids[company.id]
+        if not bd.is_won:
+            assert deal.line_items == []
+            assert (deal.lines_source, deal.quote_id) == ("deal", None)
+            continue
         assert (c.name, c.vat_number, c.siren, c.siret, c.email, c.country, c.currency, c.domain) == (
             company.name, company.vat_number, company.siren, company.siret, company.email, company.country,
             company.currency, company.domain)
@@ -186,6 +187,90 @@ def test_won_deals_carry_customer_and_effective_lines(env: Callable[..., Env], b
     quote_props = [sb.properties_of("quotes", by_id[hs_ids[b.id]].quote_id or "") for b in book.deals
                    if b.quote is not None and b.quote.status == "accepted"]
     assert {q["hs_status"] for q in quote_props} == {"ACCEPTED", "APPROVAL_NOT_NEEDED"}
+
+
+def test_probability_creation_and_acquisition_of_every_deal(env: Callable[..., Env], book: Book) -> None:
+    """Every deal carries its stage's probability on the 0..1 scale (1 won, 0 lost), its creation time and whether
+    it is closed; its customer carries the company's creation time and original source."""
+    sb, src = env()
+    deals = {d.crm_id: d for p in pull(src) for d in p.deals}
+    with httpx.Client(base_url=src.settings.base_url or "", headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        pipelines = api.get("/crm/v3/pipelines/deals").json()["results"]
+    stages = {s["id"]: Decimal(s["metadata"]["probability"]) for p in pipelines for s in p["stages"]}
+    hs_ids = sb.deal_ids_by_book_id()
+    seen: Counter[Decimal] = Counter()
+    for bd in book.deals:
+        deal = deals[hs_ids[bd.id]]
+        assert (deal.is_closed, deal.created_at) == (bd.is_closed, bd.created_at)
+        props = sb.properties_of("deals", deal.crm_id)
+        assert props["hs_deal_stage_probability"] == str(Decimal(float(stages[props["dealstage"]])))
+        expected = Decimal(1) if bd.is_won else Decimal(0) if bd.stage == "lost" else stages[props["dealstage"]]
+        assert deal.probability == expected, bd.id
+        assert deal.probability is not None
+        seen[deal.probability] += 1
+        company = book.company(bd.company_id)
+        c = deal.customer
+        assert c is not None
+        assert c.acquisition_source == company.acquisition_source
+        assert c.created_at is not None
+        assert c.created_at.isoformat(timespec="milliseconds").replace("+00:00", "Z") == \
+            sb.properties_of("companies", c.crm_id)["createdate"]
+        assert c.created_at < bd.created_at
+    assert {Decimal("0.2"), Decimal("0.1"), Decimal("0.9")} <= set(seen)  # rounded out of the binary expansion
+    assert all(p == p.quantize(Decimal("0.0001")) for p in seen)
+
+
+def test_probability_is_normalised_to_the_unit_interval() -> None:
+    """HubSpot's double expansion is rounded, a percentage is scaled, won and lost deals are 1 and 0."""
+    from connectors.hubspot.adapter import _probability
+
+    assert _probability("0.200000000000000011102230246251565404236316680908203125", won=False, closed=False) == \
+        Decimal("0.2")
+    assert _probability("0.6", won=False, closed=False) == Decimal("0.6")
+    assert _probability("60", won=False, closed=False) == Decimal("0.6")
+    assert _probability("-0.1", won=False, closed=False) == Decimal(0)
+    assert _probability(None, won=False, closed=False) is None
+    assert _probability("not a number", won=False, closed=False) is None
+    assert _probability("0.4", won=True, closed=True) == Decimal(1)
+    assert _probability("0.4", won=False, closed=True) == Decimal(0)
+
+
+def test_activity_counts_are_the_engagements_associated_with_each_deal(env: Callable[..., Env], book: Book) -> None:
+    """Calls, meetings, emails and tasks are counted per deal as the book logged them, in one association read
+    per type and 1,000 deals; deals without any, unknown ids and malformed ids are absent."""
+    sb, src = env()
+    hs_ids = sb.deal_ids_by_book_id()
+    expected = {hs_ids[d.id]: dict(Counter(a.kind for a in book.activities(d))) for d in book.deals}
+    expected = {k: v for k, v in expected.items() if v}
+    assert 0 < len(expected) < len(book.deals)
+    asked = [*hs_ids.values(), "42", "not-an-id", next(iter(hs_ids.values()))]
+    assert src.activity_counts(asked) == expected
+    reads = {k: n for k, n in src.stats.by_endpoint.items() if k.startswith("POST /crm/v4/associations/deals/")}
+    assert reads == {f"POST /crm/v4/associations/deals/{t}/batch/read": 1
+                     for t in ("calls", "meetings", "emails", "tasks")}
+    assert src.activity_counts([]) == {}
+    assert src.activity_counts(["42", "x"]) == {}
+    assert src.stats.calls == 4 + 4  # no call for no ids; one read per type for the well-formed unknown id
+
+
+def test_activity_counts_follow_archives_and_association_paging(env: Callable[..., Env], book: Book) -> None:
+    """An archived call no longer counts; a deal with more calls than one association page holds counts them all."""
+    sb, src = env()
+    busy = sb.object_ids("deals")[0]
+    before = src.activity_counts([busy]).get(busy, {})
+    with httpx.Client(base_url=src.settings.base_url or "", headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        for _ in range(6):  # 600 calls logged on one deal: more than a 500-association page
+            body = {"inputs": [{"properties": {"hs_timestamp": "2025-03-01T10:00:00.000Z", "hs_call_title": "Relance"},
+                                "associations": [{"to": {"id": busy}, "types": [
+                                    {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 206}]}]}
+                               for _ in range(100)]}
+            assert api.post("/crm/v3/objects/calls/batch/create", json=body).status_code == 201
+    after = src.activity_counts([busy])[busy]
+    assert after["call"] == before.get("call", 0) + 600
+    assert {k: v for k, v in after.items() if k != "call"} == {k: v for k, v in before.items() if k != "call"}
+    call = sb.associated_ids("deals", busy, "calls")[0]
+    sb.archive_object("calls", call)
+    assert src.activity_counts([busy])[busy]["call"] == after["call"] - 1
 
 
 def test_faults_are_retried_without_duplicates(env: Callable[..., Env]) -> None:

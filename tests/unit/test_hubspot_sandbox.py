@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import pickle
+from collections import Counter
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -378,6 +380,54 @@ def test_associations_v4(sb: HubSpotSandbox, book: Book, api: httpx.Client) -> N
     assert line in sb.associated_ids("deals", without, "line_items")
 
 
+def test_activities_are_engagements_associated_with_deal_company_and_contact(
+        sb: HubSpotSandbox, book: Book, api: httpx.Client) -> None:
+    """Each deal's book activities are calls, meetings, emails and tasks at their time, with hs_createdate (no
+    createdate), associated with the deal, its company and its contact under HubSpot's association type ids."""
+    by_book = sb.deal_ids_by_book_id()
+    companies = sb.company_ids_by_book_id()
+    total: Counter[str] = Counter()
+    for d in book.deals:
+        kinds = Counter(a.kind for a in book.activities(d))
+        total.update(kinds)
+        assert sb.activity_counts_of(by_book[d.id]) == dict(kinds)
+    assert set(total) == {"call", "meeting", "email", "task"}
+    assert sb.stats()["objects"]["calls"] == total["call"]
+    deal = next(d for d in book.deals if any(a.kind == "meeting" for a in book.activities(d)))
+    meeting = next(a for a in book.activities(deal) if a.kind == "meeting")
+    r = api.post("/crm/v4/associations/deal/meeting/batch/read", json={"inputs": [{"id": by_book[deal.id]}]})
+    assert r.status_code == 200
+    linked = r.json()["results"][0]["to"]
+    assert {t["typeId"] for x in linked for t in x["associationTypes"]} == {211}
+    meetings = api.post("/crm/v3/objects/0-47/batch/read", json={
+        "inputs": [{"id": str(x["toObjectId"])} for x in linked],
+        "properties": ["hs_timestamp", "hs_meeting_title", "hs_meeting_outcome", "createdate"]}).json()["results"]
+    times = {parse_ms(m["properties"]["hs_timestamp"]) for m in meetings}
+    assert to_ms(meeting.at) in times
+    assert all("createdate" not in m["properties"] and m["properties"]["hs_createdate"] for m in meetings)
+    assert {m["properties"]["hs_meeting_outcome"] for m in meetings} == {"COMPLETED"}
+    back = api.get(f"/crm/v4/objects/meetings/{linked[0]['toObjectId']}/associations/companies").json()["results"]
+    assert [(x["toObjectId"], x["associationTypes"][0]["typeId"]) for x in back] == \
+        [(int(companies[deal.company_id]), 188)]
+    labels = api.get("/crm/v4/associations/deals/calls/labels").json()["results"]
+    assert labels == [{"category": "HUBSPOT_DEFINED", "typeId": 205, "label": None}]
+    listed = api.get("/crm/v3/objects/tasks", params={"limit": 5}).json()
+    assert len(listed["results"]) == 5
+    assert set(listed["results"][0]["properties"]) == {"hs_createdate", "hs_lastmodifieddate", "hs_object_id"}
+    too_many = api.post("/crm/v4/associations/deals/calls/batch/read",
+                        json={"inputs": [{"id": str(i)} for i in range(1001)]})
+    assert too_many.status_code == 400
+
+
+def test_stage_probability_is_a_double_expansion(sb: HubSpotSandbox, book: Book) -> None:
+    """hs_deal_stage_probability is the stage's probability written as HubSpot writes doubles (0..1 scale)."""
+    by_book = sb.deal_ids_by_book_id()
+    seen = {sb.properties_of("deals", by_book[d.id])["hs_deal_stage_probability"] for d in book.deals}
+    assert "0.200000000000000011102230246251565404236316680908203125" in seen
+    assert {"1", "0"} <= seen
+    assert all(0 <= Decimal(v) <= 1 for v in seen)
+
+
 def test_properties_groups_and_defaults(api: httpx.Client) -> None:
     """Default properties other tools require exist; groups and properties are created once (then 409)."""
     for obj, required in {
@@ -386,7 +436,12 @@ def test_properties_groups_and_defaults(api: httpx.Client) -> None:
         "contacts": {"createdate", "email", "firstname", "hs_object_id", "lastmodifieddate", "lastname"},
         "quotes": {"hs_createdate", "hs_expiration_date", "hs_lastmodifieddate", "hs_object_id", "hs_public_url_key",
                    "hs_status", "hs_title"},
-        "deals": {"dealname", "dealstage", "amount", "closedate", "pipeline", "hs_is_closed_won"},
+        "deals": {"dealname", "dealstage", "amount", "closedate", "pipeline", "hs_is_closed_won",
+                  "hs_deal_stage_probability"},
+        "calls": {"hs_createdate", "hs_timestamp", "hs_call_title", "hs_call_direction", "hs_call_duration"},
+        "emails": {"hs_createdate", "hs_timestamp", "hs_email_subject", "hs_email_direction"},
+        "meetings": {"hs_createdate", "hs_timestamp", "hs_meeting_title", "hs_meeting_outcome"},
+        "tasks": {"hs_createdate", "hs_timestamp", "hs_task_subject", "hs_task_status"},
     }.items():
         names = {p["name"] for p in api.get(f"/crm/v3/properties/{obj}").json()["results"]}
         assert required <= names, obj
@@ -431,6 +486,26 @@ def test_state_survives_save_and_load(sb: HubSpotSandbox, tmp_path: Path) -> Non
     assert other.load(tmp_path / "hs.bin")
     assert other.properties_of("deals", sb.object_ids("deals")[0])["description"] == "kept"
     assert other.deal_ids_by_book_id() == sb.deal_ids_by_book_id()
+    deal = sb.object_ids("deals")[0]
+    assert other.activity_counts_of(deal) == sb.activity_counts_of(deal)
+
+
+def test_state_saved_before_engagements_existed_still_loads(sb: HubSpotSandbox, tmp_path: Path) -> None:
+    """A state file written before the engagement types existed loads; those types start empty and usable."""
+    sb.save(tmp_path / "hs.bin")
+    state = pickle.loads((tmp_path / "hs.bin").read_bytes())
+    for name in ("_objects", "_props", "_groups", "_book_ids"):
+        for t in ("calls", "emails", "meetings", "tasks"):
+            del state[name][t]
+    (tmp_path / "old.bin").write_bytes(pickle.dumps(state))
+    other = HubSpotSandbox(seed=11)
+    assert other.load(tmp_path / "old.bin")
+    deal = sb.object_ids("deals")[0]
+    assert other.activity_counts_of(deal) == {}
+    with httpx.Client(transport=other.transport(), base_url="https://api.hubapi.com",
+                      headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+        assert api.get("/crm/v3/objects/calls").json() == {"results": []}
+        assert api.get("/crm/v3/properties/calls").status_code == 200
 
 
 def test_admin_endpoints_list_and_edit_deals(sb: HubSpotSandbox, book: Book) -> None:
@@ -442,6 +517,8 @@ def test_admin_endpoints_list_and_edit_deals(sb: HubSpotSandbox, book: Book) -> 
         for d in book.deals:
             assert by_book[d.id]["won"] == d.is_won
             assert by_book[d.id]["amount"] == str(d.amount)
+            assert by_book[d.id]["activities"] == dict(Counter(a.kind for a in book.activities(d)))
+            assert parse_ms(by_book[d.id]["created_at"]) == to_ms(d.created_at)
         deal = rows[0]["id"]
         r = admin.patch(f"/_sandbox/deals/{deal}", json={"properties": {"amount": "10.00"}})
         assert r.status_code == 200

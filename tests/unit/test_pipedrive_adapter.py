@@ -157,7 +157,8 @@ def test_until_bounds_the_pull_and_changes_come_back(env: Callable[..., Env]) ->
 
 
 def test_won_deals_carry_customer_and_effective_lines(env: Callable[..., Env], book: Book) -> None:
-    """Won deals (status=won) carry the organization's custom fields mapped by hash key and the effective lines."""
+    """Won deals (status=won) carry the organization's custom fields mapped by hash key and the effective lines;
+    open and lost deals carry their organization too, without lines."""
     sb, src = env()
     by_id: dict[str, Deal] = {d.crm_id: d for p in pull(src) for d in p.deals}
     pd_ids = sb.deal_ids_by_book_id()
@@ -168,16 +169,15 @@ def test_won_deals_carry_customer_and_effective_lines(env: Callable[..., Env], b
         assert deal.is_won == bd.is_won
         assert (deal.amount, deal.currency, deal.name) == (bd.amount, bd.currency, bd.name)
         assert deal.acquisition_source == bd.acquisition_source
-        if not bd.is_won:
-            assert deal.customer is None
-            assert deal.line_items == []
-            continue
-        checked += 1
-        assert deal.close_date == bd.close_date
         company = book.company(bd.company_id)
         c = deal.customer
         assert c is not None
         assert c.crm_id == str(org_ids[company.id])
+        if not bd.is_won:
+            assert deal.line_items == []
+            continue
+        checked += 1
+        assert deal.close_date == bd.close_date
         assert (c.name, c.vat_number, c.siren, c.siret, c.email, c.country, c.currency, c.domain) == (
             company.name, company.vat_number, company.siren, company.siret, company.email, company.country,
             company.currency, company.domain)
@@ -190,6 +190,87 @@ def test_won_deals_carry_customer_and_effective_lines(env: Callable[..., Env], b
         assert deal.lines_source == "deal"
         assert deal.lines_net_total() == deal.amount
     assert checked > 100
+
+
+def test_probability_creation_and_customer_acquisition(env: Callable[..., Env], book: Book) -> None:
+    """Open deals carry their own probability when set, else their stage's deal_probability (read once), over 100;
+    won 1, lost 0; every deal its add_time; its customer the organization's add_time and acquisition source."""
+    sb, src = env()
+    deals = {d.crm_id: d for p in pull(src) for d in p.deals}
+    assert src.stats.by_endpoint["GET /api/v2/stages"] == 1
+    assert src.client.tokens_spent == sb.stats()["tokens_charged"]  # the stages list costs 5
+    with httpx.Client(transport=sb.transport(), base_url="https://api.pipedrive.com",
+                      headers={"x-api-token": TOKEN}) as api:
+        stages = {s["id"]: s["deal_probability"] for s in api.get("/api/v2/stages").json()["data"]}
+    pd_ids = sb.deal_ids_by_book_id()
+    own = 0
+    for bd in book.deals:
+        deal = deals[str(pd_ids[bd.id])]
+        raw = sb.deal(pd_ids[bd.id])
+        assert (deal.is_closed, deal.created_at) == (bd.is_closed, bd.created_at.replace(microsecond=0))
+        if bd.is_won:
+            assert deal.probability == 1
+        elif bd.stage == "lost":
+            assert deal.probability == 0
+        elif raw["probability"] is not None:
+            own += 1
+            assert deal.probability == raw["probability"] / 100
+        else:
+            assert deal.probability == Decimal(stages[raw["stage_id"]]) / 100
+        c = deal.customer
+        assert c is not None
+        assert c.acquisition_source == book.company(bd.company_id).acquisition_source
+        assert c.created_at == dt.datetime.fromisoformat(sb.organization(int(c.crm_id))["add_time"])
+        assert c.created_at < deal.created_at
+    assert own > 5
+
+
+def test_activity_counts_deal_by_deal_or_in_one_scan(env: Callable[..., Env], book: Book) -> None:
+    """A few deals are read one list call each; many deals through one scan of every activity, 500 a call; both
+    count what the book logged; unknown and malformed ids are absent and no ids cost nothing."""
+    sb, src = env()
+    pd_ids = sb.deal_ids_by_book_id()
+    expected = {str(pd_ids[d.id]): dict(Counter(a.kind for a in book.activities(d))) for d in book.deals}
+    expected = {k: v for k, v in expected.items() if v}
+    few = list(expected)[:4]
+    assert src.activity_counts([*few, "424242", "x-1", few[0]]) == {k: expected[k] for k in few}
+    assert src.stats.by_endpoint["GET /api/v2/activities"] == 5
+    assert src.activity_counts([]) == {}
+    assert src.stats.by_endpoint["GET /api/v2/activities"] == 5
+    scan = PipedriveSource.from_config({"type": "pipedrive", "api_token": TOKEN, "time_scale": SCALE,
+                                        "burst_limit": 80}, _MemoryTokens(), transport=sb.transport())
+    try:
+        assert scan.activity_counts([str(i) for i in pd_ids.values()] + ["424242"]) == expected
+        total = sb.stats()["objects"]["activities"]
+        assert total > 1000
+        assert scan.stats.by_endpoint["GET /api/v2/activities"] == -(-total // 500)
+        assert scan.client.tokens_spent == 10 * -(-total // 500)
+    finally:
+        scan.close()
+
+
+def test_activity_counts_follow_types_and_deletes(env: Callable[..., Env], book: Book) -> None:
+    """Types map to kinds through activity_types (a lunch counts as a meeting when configured, else not at all);
+    a deleted activity no longer counts."""
+    sb, src = env()
+    mapped = PipedriveSource.from_config({
+        "type": "pipedrive", "api_token": TOKEN, "time_scale": SCALE,
+        "activity_types": {"call": "call", "meeting": "meeting", "email": "email", "task": "task", "lunch": "meeting"},
+    }, _MemoryTokens(), transport=sb.transport())
+    deal = next(i for i in sb.deal_ids() if sb.activity_counts_of(i).get("call"))
+    with httpx.Client(transport=sb.transport(), base_url="https://api.pipedrive.com",
+                      headers={"x-api-token": TOKEN}) as api:
+        before = src.activity_counts([str(deal)]).get(str(deal), {})
+        made = api.post("/api/v2/activities", json={"deal_id": deal, "type": "lunch", "subject": "Déjeuner",
+                                                    "done": True})
+        assert made.status_code == 200, made.text
+        assert src.activity_counts([str(deal)]).get(str(deal), {}) == before
+        assert mapped.activity_counts([str(deal)])[str(deal)] == {**before, "meeting": before.get("meeting", 0) + 1}
+        call = next(a["id"] for a in sb.activities_of(deal) if a["type"] == "call")
+        assert api.delete(f"/api/v2/activities/{call}").status_code == 200
+    after = src.activity_counts([str(deal)]).get(str(deal), {})
+    assert after.get("call", 0) == before["call"] - 1
+    mapped.close()
 
 
 def test_status_not_stage_decides_won(env: Callable[..., Env], book: Book) -> None:

@@ -266,7 +266,7 @@ def test_custom_fields_are_hash_keyed_and_nested(sb: PipedriveSandbox, api: http
     org_fields = {f["field_name"]: f["field_code"] for f in walk(api, "/api/v2/organizationFields")}
     org = api.get("/api/v2/organizations", params={"limit": 1}).json()["data"][0]
     assert set(org["custom_fields"]) == {org_fields[n] for n in ("VAT number", "SIREN", "SIRET", "Billing email",
-                                                                  "Billing currency")}
+                                                                  "Billing currency", "Acquisition source")}
 
 
 def test_creating_and_writing_a_custom_field(sb: PipedriveSandbox, api: httpx.Client) -> None:

@@ -11,11 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
+from connectors.domain import round_money
 from connectors.quickbooks.query import QueryError, parse
 from connectors.quickbooks.sandbox import (
     DEMO_CLIENT_ID,
     DEMO_CLIENT_SECRET,
     QuickBooksSandbox,
+    exchange_rate,
     sandbox_settings,
 )
 from connectors.xero.testing import ManualClock
@@ -215,8 +217,9 @@ def test_invoice_validation_faults(api: Api) -> None:
     assert fault(api.post("invoice", invoice_body(cid, doc="X" * 22)))[1] == "2050"
     usd = customer(api, "Walker Labs", currency="USD")
     ok = api.post("invoice", invoice_body(usd, currency="USD")).json()["Invoice"]
-    assert ok["ExchangeRate"] == 0.925926
-    assert ok["HomeTotalAmt"] == 2448.30
+    rate = exchange_rate("USD", dt.date.fromisoformat(ok["TxnDate"]))
+    assert Decimal(str(ok["ExchangeRate"])) == rate
+    assert Decimal(str(ok["HomeTotalAmt"])) == round_money(Decimal("2644.16") * rate, "EUR")
 
 
 def test_doc_numbers_are_unique_unless_allowed(clock: ManualClock) -> None:

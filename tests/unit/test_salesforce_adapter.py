@@ -130,7 +130,8 @@ def test_full_pull_yields_every_deal_once_in_order(env: Callable[..., Env], book
 
 
 def test_won_deals_carry_customer_and_effective_lines(env: Callable[..., Env], book: Book) -> None:
-    """Won deals carry the account and the synced, accepted quote's lines when there is one, else their own."""
+    """Won deals carry the account and the synced, accepted quote's lines when there is one, else their own; open
+    and lost deals carry their account too, without lines."""
     sb, src = env()
     by_id: dict[str, Deal] = {d.crm_id: d for p in pull(src) for d in p.deals}
     opp_ids, account_ids, quote_ids = sb.deal_ids_by_book_id(), sb.account_ids_by_book_id(), sb.quote_ids_by_book_id()
@@ -140,15 +141,14 @@ def test_won_deals_carry_customer_and_effective_lines(env: Callable[..., Env], b
         deal = by_id[opp_ids[bd.id]]
         assert (deal.is_won, deal.currency, deal.amount, deal.name) == (bd.is_won, bd.currency, bd.amount, bd.name)
         assert (deal.acquisition_source, deal.owner, deal.archived) == (bd.acquisition_source, bd.owner, False)
-        if not bd.is_won:
-            assert deal.customer is None
-            assert deal.line_items == []
-            continue
-        stages[deal.stage or ""] += 1
         company = book.company(bd.company_id)
         c = deal.customer
         assert c is not None
         assert c.crm_id == account_ids[company.id]
+        if not bd.is_won:
+            assert (deal.line_items, deal.lines_source, deal.quote_id) == ([], "deal", None)
+            continue
+        stages[deal.stage or ""] += 1
         assert (c.name, c.vat_number, c.siren, c.siret, c.email, c.country, c.currency, c.domain) == (
             company.name, company.vat_number, company.siren, company.siret, company.email, company.country,
             company.currency, company.domain)
@@ -166,6 +166,109 @@ def test_won_deals_carry_customer_and_effective_lines(env: Callable[..., Env], b
     assert sources[("quote", "accepted")] > 5
     assert sources[("deal", "sent")] > 3
     assert set(stages) == {"Closed Won", "Signé"}
+
+
+def test_probability_creation_and_customer_fields(env: Callable[..., Env], book: Book) -> None:
+    """Every deal carries Probability / 100 (1 won, 0 lost), IsClosed and CreatedDate; its account's CreatedDate
+    and AccountSource; all within the same number of calls as before (the accounts ride on the same queries)."""
+    sb, src = env()
+    deals = {d.crm_id: d for p in pull(src) for d in p.deals}
+    opp_ids = sb.deal_ids_by_book_id()
+    seen: Counter[Decimal] = Counter()
+    for bd in book.deals:
+        deal = deals[opp_ids[bd.id]]
+        rec = sb.record("Opportunity", deal.crm_id)
+        assert (deal.is_closed, deal.created_at) == (bd.is_closed, bd.created_at)
+        if bd.is_won:
+            assert deal.probability == 1
+        elif bd.stage == "lost":
+            assert deal.probability == 0
+        else:
+            assert deal.probability == rec["Probability"] / 100
+            assert 0 < deal.probability < 1
+        assert deal.probability is not None
+        seen[deal.probability] += 1
+        c = deal.customer
+        assert c is not None
+        assert c.created_at == sb.record("Account", c.crm_id)["CreatedDate"]
+        assert c.acquisition_source == book.company(bd.company_id).acquisition_source
+    assert {Decimal("0.1"), Decimal("0.75"), Decimal("0.95")} <= set(seen)  # Verbal Won: open at 95 %
+    with_override = next(i for i, d in deals.items() if not d.is_closed)
+    sb.modify("Opportunity", with_override, Probability=Decimal(35))
+    [again] = src.get_deals([with_override])
+    assert again.probability == Decimal("0.35")
+
+
+def test_activity_counts_use_aggregate_queries_on_all_rows(env: Callable[..., Env], book: Book) -> None:
+    """Tasks and Events are counted per opportunity as the book logged them, in two aggregate queryAll calls per
+    200 opportunities (the activities are more than a year old: archived, so query would miss them)."""
+    sb, src = env()
+    opp_ids = sb.deal_ids_by_book_id()
+    expected = {opp_ids[d.id]: dict(Counter(a.kind for a in book.activities(d))) for d in book.deals}
+    expected = {k: v for k, v in expected.items() if v}
+    assert 0 < len(expected) < len(book.deals)
+    with sb.lock:
+        assert sb.execute("SELECT COUNT() FROM Task")[0] == 0
+        assert sb.execute("SELECT COUNT() FROM Task", include_deleted=True)[0] == sum(
+            n for counts in expected.values() for k, n in counts.items() if k != "meeting")
+    ids = list(opp_ids.values())
+    short = ids[0][:15]
+    asked = [*ids[1:], short, "006000000000000AAA", "not-an-id", "0018d00010vrx2pAAA"]
+    got = src.activity_counts(asked)
+    want = {(short if k == ids[0] else k): v for k, v in expected.items()}
+    assert got == want
+    assert src.stats.by_endpoint["GET queryAll"] == 3 * 2  # 401 opportunities: three chunks, Task and Event each
+    assert "GET query/next" not in src.stats.by_endpoint
+    assert src.activity_counts([]) == {}
+    assert src.activity_counts(["006000000000000AAA"]) == {}
+
+
+def test_activity_counts_skip_deleted_and_keep_archived_activities(env: Callable[..., Env], book: Book) -> None:
+    """A deleted task no longer counts; a fresh, open task counts as much as an archived one; a Task whose subtype
+    is the generic Task counts by its Type."""
+    sb, src = env()
+    opp = next(i for d, i in sb.deal_ids_by_book_id().items() if book.activities(book.deal(d)))
+    before = src.activity_counts([opp])[opp]
+    task = sb.query(f"SELECT Id FROM Task WHERE WhatId = '{opp}'", include_deleted=True)[0]["Id"]
+    sb.delete("Task", task)
+    with httpx.Client(base_url=src.settings.instance_url or "",
+                      headers={"Authorization": f"Bearer {sb.issue_session()}"}) as api:
+        made = api.post("/services/data/v62.0/sobjects/Task", json={
+            "WhatId": opp, "Subject": "Rappeler", "Type": "Call", "ActivityDate": "2026-12-01"})
+        assert made.status_code == 201, made.text
+    after = src.activity_counts([opp])[opp]
+    removed = sb.record("Task", task)
+    kind = {"Call": "call", "Email": "email"}.get(removed["TaskSubtype"], "task")
+    expected = Counter(before)
+    expected[kind] -= 1
+    expected["call"] += 1
+    assert after == {k: n for k, n in expected.items() if n}
+
+
+def test_activity_counts_split_a_chunk_with_more_groups_than_one_answer(env: Callable[..., Env],
+                                                                         book: Book) -> None:
+    """200 opportunities with 11 subtype-and-type pairs each exceed the 2,000 rows of an aggregate answer
+    (EXCEEDED_ID_LIMIT): the chunk is counted in halves, and the counts stay exact."""
+    sb, src = env()
+    opp_ids = sb.deal_ids_by_book_id()
+    chunk = list(opp_ids.values())[:200]
+    pairs = [(st, ty) for st in ("Task", "Email", "Call", "ListEmail") for ty in ("Call", "Email", "Meeting")][:11]
+    records = [{"attributes": {"type": "Task"}, "WhatId": opp, "Subject": "Suivi", "TaskSubtype": st, "Type": ty}
+               for opp in chunk for st, ty in pairs]
+    with httpx.Client(base_url=src.settings.instance_url or "",
+                      headers={"Authorization": f"Bearer {sb.issue_session()}"}) as api:
+        for i in range(0, len(records), 200):
+            answer = api.post("/services/data/v62.0/composite/sobjects", json={"records": records[i:i + 200]})
+            assert all(r["success"] for r in answer.json()), answer.text
+    added: Counter[str] = Counter()
+    for st, ty in pairs:
+        added[{"Call": "call", "Email": "email", "ListEmail": "email"}.get(st) or
+              {"Call": "call", "Email": "email", "Meeting": "meeting"}[ty]] += 1
+    by_opp = {i: d for d, i in opp_ids.items()}
+    got = src.activity_counts(chunk)
+    for opp in chunk:
+        assert got[opp] == dict(Counter(a.kind for a in book.activities(book.deal(by_opp[opp]))) + added), opp
+    assert src.stats.by_endpoint["GET queryAll"] == 1 + 2 * 2  # refused once, then two halves of Task and Event
 
 
 def test_resume_from_a_cursor_with_ties(env: Callable[..., Env]) -> None:

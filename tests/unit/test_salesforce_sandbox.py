@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 import re
 import time
 from collections import Counter
@@ -487,3 +488,118 @@ def test_admin_deals_state_and_determinism(tmp_path: Path, book: Book, shared: S
     assert fresh.org_id == twin.org_id
     assert fresh.record("Opportunity", twin.object_ids("Opportunity")[0])["NextStep"] == "Sauvegardé"
     assert fresh.deals_snapshot() == twin.deals_snapshot()
+
+
+def test_book_activities_are_tasks_and_events_on_the_opportunity(shared: SalesforceSandbox, book: Book) -> None:
+    """Calls and e-mails are completed Tasks with their subtype, tasks generic Tasks, meetings Events; each on its
+    deal's opportunity and account, at the activity's time; /_sandbox/deals counts them per deal."""
+    opps = shared.deal_ids_by_book_id()
+    accounts = shared.account_ids_by_book_id()
+    deal = next(d for d in book.deals if {a.kind for a in book.activities(d)} >= {"call", "meeting"})
+    opp = opps[deal.id]
+    tasks = shared.query("SELECT Subject, TaskSubtype, Type, Status, IsClosed, ActivityDate, AccountId, "
+                         f"CallDurationInSeconds, CreatedDate FROM Task WHERE WhatId = '{opp}' ORDER BY CreatedDate",
+                         include_deleted=True)
+    events = shared.query("SELECT Subject, ActivityDateTime, EndDateTime, DurationInMinutes, EventSubtype, AccountId "
+                          f"FROM Event WHERE WhatId = '{opp}' ORDER BY ActivityDateTime", include_deleted=True)
+    logged = [a for a in book.activities(deal) if a.kind != "meeting"]
+    assert [(t["Subject"], t["TaskSubtype"]) for t in tasks] == [
+        (a.subject, {"call": "Call", "email": "Email"}.get(a.kind, "Task")) for a in logged]
+    assert all(t["IsClosed"] and t["Status"] == "Completed" and t["AccountId"] == accounts[deal.company_id]
+               for t in tasks)
+    assert [t["CallDurationInSeconds"] for t in tasks if t["TaskSubtype"] == "Call"] == [
+        a.duration_minutes * 60 for a in logged if a.kind == "call"]
+    meetings = [a for a in book.activities(deal) if a.kind == "meeting"]
+    assert [(e["Subject"], e["DurationInMinutes"], e["EventSubtype"]) for e in events] == [
+        (a.subject, a.duration_minutes, "Event") for a in meetings]
+    assert events[0]["ActivityDateTime"].startswith(meetings[0].at.strftime("%Y-%m-%dT%H:%M:%S"))
+    assert shared.activity_counts_of(opp) == dict(Counter(a.kind for a in book.activities(deal)))
+    with httpx.Client(transport=shared.transport(), base_url="http://127.0.0.1:9") as admin:
+        rows = {r["book_id"]: r for r in admin.get("/_sandbox/deals").json()}
+    for d in book.deals:
+        assert rows[d.id]["activities"] == dict(Counter(a.kind for a in book.activities(d))), d.id
+        assert rows[d.id]["created_at"].startswith(d.created_at.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def test_activities_a_year_old_are_archived_out_of_query(api: httpx.Client, sb: SalesforceSandbox) -> None:
+    """The book's activities are more than a year old: query does not return them, queryAll does with IsArchived;
+    a fresh open task is returned by both."""
+    assert records(soql(api, "SELECT Id FROM Task")) == []
+    archived = records(soql(api, "SELECT Id, IsArchived FROM Event", all_rows=True))
+    assert archived
+    assert all(r["IsArchived"] is True for r in archived)
+    opp = sb.object_ids("Opportunity")[0]
+    made = api.post(f"{V}/sobjects/Task", json={"WhatId": opp, "Subject": "Relancer", "TaskSubtype": "Call"})
+    assert made.status_code == 201, made.text
+    fresh = made.json()["id"]
+    assert [r["Id"] for r in records(soql(api, "SELECT Id, IsArchived FROM Task"))] == [fresh]
+    row = records(soql(api, f"SELECT IsArchived, Status, IsClosed FROM Task WHERE Id = '{fresh}'", all_rows=True))
+    assert row[0]["IsArchived"] is False
+    assert (row[0]["Status"], row[0]["IsClosed"]) == ("Not Started", False)
+
+
+def test_aggregate_queries_group_and_count(ro: httpx.Client, shared: SalesforceSandbox) -> None:
+    """GROUP BY with COUNT(field), aliases and expr0 names answers AggregateResult rows in one batch; a field that is
+    neither grouped nor aggregated, an alias outside an aggregate query and a textarea group are refused."""
+    opps = shared.object_ids("Opportunity")[:30]
+    listed = ", ".join(f"'{o}'" for o in opps)
+    rows = records(soql(ro, f"SELECT WhatId w, TaskSubtype, COUNT(Id) n, COUNT_DISTINCT(Type) FROM Task WHERE WhatId "
+                            f"IN ({listed}) AND IsDeleted = false GROUP BY WhatId, TaskSubtype ORDER BY WhatId",
+                        all_rows=True, batch=200))
+    assert rows
+    assert {tuple(r) for r in rows} == {("attributes", "w", "TaskSubtype", "n", "expr0")}
+    assert all(r["attributes"] == {"type": "AggregateResult"} for r in rows)
+    assert [r["w"] for r in rows] == sorted(r["w"] for r in rows)
+    expected: Counter[str] = Counter()
+    for o in opps:
+        for kind, n in shared.activity_counts_of(o).items():
+            if kind != "meeting":
+                expected[kind] += n
+    got: Counter[str] = Counter()
+    for r in rows:
+        got[{"Call": "call", "Email": "email"}.get(r["TaskSubtype"], "task")] += r["n"]
+        assert r["expr0"] == 1  # each subtype has one Type in the book
+    assert got == expected
+    total = records(soql(ro, "SELECT COUNT(Id) FROM Event", all_rows=True))
+    assert total == [{"attributes": {"type": "AggregateResult"}, "expr0": shared.stats()["objects"]["Event"]}]
+    for q, code in {
+        "SELECT WhatId, Subject, COUNT(Id) FROM Task GROUP BY WhatId": "MALFORMED_QUERY",
+        "SELECT Id i FROM Task": "MALFORMED_QUERY",
+        "SELECT Description, COUNT(Id) FROM Task GROUP BY Description": "INVALID_FIELD",
+        "SELECT CreatedDate, COUNT(Id) FROM Task GROUP BY CreatedDate": "INVALID_FIELD",
+    }.items():
+        resp = soql(ro, q)
+        assert resp.status_code == 400, q
+        assert loads(resp.content)[0]["errorCode"] == code, q
+
+
+def test_aggregate_answers_over_two_thousand_rows_are_refused() -> None:
+    """An aggregate query cannot be continued with queryMore: more than 2,000 groups answer EXCEEDED_ID_LIMIT."""
+    big = make(generate_book(13, companies=200, deals=700))
+    with client(big) as api:
+        ok = records(soql(api, "SELECT Id, COUNT(Id) FROM Task GROUP BY Id LIMIT 2000", all_rows=True, batch=200))
+        assert len(ok) == 2000
+        resp = soql(api, "SELECT Id, COUNT(Id) FROM Task GROUP BY Id", all_rows=True)
+    assert resp.status_code == 400
+    assert loads(resp.content) == [{
+        "message": "Aggregate query does not support queryMore(), use LIMIT to restrict the results to a single batch",
+        "errorCode": "EXCEEDED_ID_LIMIT", "fields": []}]
+    assert big.stats()["objects"]["Task"] > 2000
+
+
+def test_state_saved_before_activities_existed_still_loads(tmp_path: Path, sb: SalesforceSandbox) -> None:
+    """A state file written before Task and Event existed loads; they start empty and can be queried."""
+    sb.save(tmp_path / "sf.state")
+    state = pickle.loads((tmp_path / "sf.state").read_bytes())
+    for name in ("Task", "Event"):
+        del state["_schema"][name]
+        del state["_data"][name]
+        del state["_book_ids"][name]
+    for obj in state["_schema"].values():
+        obj.children = [c for c in obj.children if c[1] not in ("Task", "Event")]
+    (tmp_path / "old.state").write_bytes(pickle.dumps(state))
+    fresh = SalesforceSandbox(seed=13)
+    assert fresh.load(tmp_path / "old.state")
+    assert fresh.query("SELECT Id FROM Task", include_deleted=True) == []
+    opp = sb.object_ids("Opportunity")[0]
+    assert fresh.query(f"SELECT Id, (SELECT Id FROM Tasks) FROM Opportunity WHERE Id = '{opp}'")[0]["Tasks"] is None

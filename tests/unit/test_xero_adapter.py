@@ -16,7 +16,8 @@ from connectors.errors import AmbiguousWriteError, AuthError, ConfigError, Quota
 from connectors.interfaces import InvoiceRequest
 from connectors.sandboxkit import Fault, FaultPlan
 from connectors.seedbook import PRODUCTS
-from connectors.xero import XeroLedger
+from connectors.xero import XeroLedger, wire
+from connectors.xero.adapter import home_rate
 from connectors.xero.sandbox import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, XeroSandbox
 from connectors.xero.settings import XeroSettings
 from connectors.xero.testing import ManualClock, MemoryTokenStore
@@ -356,3 +357,138 @@ def test_no_secret_reaches_an_error_or_a_log(clock: ManualClock, caplog: pytest.
     for secret in (CANARY_SECRET, CANARY_REFRESH, tokens["access_token"], tokens["refresh_token"]):
         assert secret
         assert secret not in text
+
+
+def xero_api(sandbox: XeroSandbox, method: str, path: str, body: Any) -> Any:
+    """One call to the sandbox's API as another app would make it (a person's edits in Xero)."""
+    token = sandbox.issue_tokens()["access_token"]
+    with httpx.Client(transport=sandbox.transport(), base_url="https://api.xero.com/api.xro/2.0") as http:
+        headers = {"Authorization": f"Bearer {token}", "xero-tenant-id": sandbox.tenant_id,
+                   "Content-Type": "application/json"}
+        resp = http.request(method, path, content=wire.dumps(body), headers=headers)
+    assert resp.status_code == 200, resp.text
+    return wire.loads(resp.content)
+
+
+def test_currency_rates_become_home_units_per_unit_of_the_invoice_currency() -> None:
+    """Xero's CurrencyRate (units of the document's currency per base unit) is turned round; nonsense gives None."""
+    assert home_rate(Decimal("0.75")) == Decimal("1.3333333333")
+    assert home_rate(Decimal("1.080000")) == Decimal("0.9259259259")
+    assert home_rate(1) == Decimal(1)
+    assert [home_rate(v) for v in (None, "", 0, Decimal("-1.2"))] == [None, None, None, None]
+
+
+def test_invoices_carry_the_exchange_rate_and_their_xero_link(sandbox: XeroSandbox, clock: ManualClock) -> None:
+    """A USD invoice reads back with 1 / CurrencyRate (EUR per USD), a EUR one with 1; invoice_url opens it."""
+    ledger = make_ledger(sandbox, clock)
+    cid = one_contact(ledger)
+    outcomes = ledger.create_invoices([request("EUR-1", cid), request("USD-1", cid, currency="USD")], "k-fx")
+    assert all(o.ok for o in outcomes)
+    by_ref = {i.reference: i for i in ledger.list_invoices()}
+    stored = sandbox.invoice_by_reference("USD-1")
+    assert stored is not None
+    read = by_ref["USD-1"].exchange_rate
+    assert read == (Decimal(1) / stored["CurrencyRate"]).quantize(Decimal("1e-10"))
+    assert read is not None
+    assert Decimal("0.85") < read < 1
+    assert by_ref["EUR-1"].exchange_rate == 1
+    created = outcomes[1].invoice
+    assert created is not None
+    assert created.exchange_rate == by_ref["USD-1"].exchange_rate
+    assert ledger.invoice_url(by_ref["USD-1"]) == (
+        f"https://go.xero.com/AccountsReceivable/View.aspx?InvoiceID={by_ref['USD-1'].ledger_id}")
+    assert ledger.invoice_url(request("X", cid).invoice) is None  # not read from Xero: no id, no page
+    assert ledger.base_currency() == "EUR"
+
+
+def test_credit_notes_come_with_allocations_status_and_rate(sandbox: XeroSandbox, clock: ManualClock) -> None:
+    """list_credit_notes gives sales credit notes only, paged, since a time, with allocations, remaining credit,
+    the rate turned round, and the status: paid when fully allocated, voided and deleted ones as such."""
+    ledger = make_ledger(sandbox, clock, page_size=2)
+    cid = one_contact(ledger)
+    outcomes = ledger.create_invoices([request("CN-EUR", cid), request("CN-USD", cid, currency="USD")], "k-cn")
+    eur, usd = (o.invoice for o in outcomes)
+    assert eur is not None
+    assert usd is not None
+    assert eur.ledger_id
+    assert usd.ledger_id
+    full = sandbox.create_credit_note(eur.ledger_id, Decimal("240.00"), dt.date(2026, 1, 12))
+    part = sandbox.create_credit_note(usd.ledger_id, Decimal("500.00"), dt.date(2026, 1, 13), allocate=False)
+    xero_api(sandbox, "PUT", f"/CreditNotes/{part['CreditNoteID']}/Allocations", {"Allocations": [
+        {"Invoice": {"InvoiceID": usd.ledger_id}, "Amount": Decimal("200.00"), "Date": "2026-01-14"}]})
+    base = {"Contact": {"ContactID": cid}, "Date": "2026-01-15", "LineItems": [
+        {"Description": "Remise", "Quantity": 1, "UnitAmount": Decimal("10.00"), "AccountCode": "706"}]}
+    made = xero_api(sandbox, "PUT", "/CreditNotes", {"CreditNotes": [
+        dict(base, Type="ACCRECCREDIT", Status="AUTHORISED"), dict(base, Type="ACCRECCREDIT", Status="DRAFT"),
+        dict(base, Type="ACCPAYCREDIT", Status="AUTHORISED")]})["CreditNotes"]
+    voided, deleted, _purchase = (n["CreditNoteID"] for n in made)
+    clock.advance(60)
+    since = dt.datetime.fromtimestamp(clock.now(), tz=dt.UTC)
+    clock.advance(60)
+    xero_api(sandbox, "POST", f"/CreditNotes/{voided}", {"Status": "VOIDED"})
+    xero_api(sandbox, "POST", f"/CreditNotes/{deleted}", {"Status": "DELETED"})
+    notes = {n.ledger_id: n for n in ledger.list_credit_notes()}
+    assert set(notes) == {full["CreditNoteID"], part["CreditNoteID"], voided, deleted}
+    paid = notes[full["CreditNoteID"]]
+    assert (paid.status, paid.total, paid.remaining, paid.currency, paid.customer_ledger_id, paid.issue_date) == (
+        "paid", Decimal("240.00"), Decimal(0), "EUR", cid, dt.date(2026, 1, 12))
+    assert paid.subtotal == Decimal("200.00")
+    assert paid.number == full["CreditNoteNumber"]
+    assert [(a.invoice_ledger_id, a.amount, a.date) for a in paid.allocations] == [
+        (eur.ledger_id, Decimal("240.00"), dt.date(2026, 1, 12))]
+    assert paid.exchange_rate == 1
+    open_note = notes[part["CreditNoteID"]]
+    assert (open_note.status, open_note.remaining, open_note.currency) == ("authorised", Decimal("300.00"), "USD")
+    assert [(a.amount, a.date) for a in open_note.allocations] == [(Decimal("200.00"), dt.date(2026, 1, 14))]
+    assert open_note.exchange_rate == (Decimal(1) / part["CurrencyRate"]).quantize(Decimal("1e-10"))
+    assert (notes[voided].status, notes[deleted].status) == ("voided", "deleted")
+    assert notes[voided].allocations == []
+    assert {n.ledger_id for n in ledger.list_credit_notes(since)} == {voided, deleted}
+    [usd_now] = [i for i in ledger.list_invoices() if i.ledger_id == usd.ledger_id]
+    assert usd_now.amount_due == usd.total - Decimal("200.00")
+
+
+def test_expenses_are_approved_bill_and_spend_lines_of_the_accounts_net_of_tax(
+    sandbox: XeroSandbox, clock: ManualClock
+) -> None:
+    """Lines of authorised or paid bills and authorised spend money on the asked accounts, within the dates, net of
+    tax (also on tax-inclusive documents); drafts, voided bills, deleted spends, receipts and sales are left out."""
+    ledger = make_ledger(sandbox, clock, page_size=2)
+    day = dt.date(2026, 1, 20)
+    bill = sandbox.create_bill("6231", day, Decimal("1000.00"), "Google Ads")
+    paid = sandbox.create_bill("6231", dt.date(2026, 1, 31), Decimal("250.50"), "LinkedIn Ads", paid=True)
+    usd = sandbox.create_bill("6231", dt.date(2026, 1, 1), Decimal("99.00"), "SaaS", currency="USD")
+    sandbox.create_bill("6231", day, Decimal("7.00"), "Brouillon", status="DRAFT")
+    sandbox.create_bill("6231", dt.date(2025, 12, 31), Decimal("8.00"), "Décembre")
+    voided = sandbox.create_bill("6231", day, Decimal("9.00"), "Annulée")
+    xero_api(sandbox, "POST", f"/Invoices/{voided['InvoiceID']}", {"Status": "VOIDED"})
+    spend = sandbox.create_spend("6251", day, Decimal("80.00"), "Train Paris-Lyon")
+    gone = sandbox.create_spend("6251", day, Decimal("11.00"), "Erreur")
+    xero_api(sandbox, "POST", f"/BankTransactions/{gone['BankTransactionID']}", {"Status": "DELETED"})
+    mixed = xero_api(sandbox, "PUT", "/Invoices", {"Invoices": [{
+        "Type": "ACCPAY", "Contact": {"Name": "Agence Lumière"}, "Date": "2026-01-22", "Status": "AUTHORISED",
+        "LineAmountTypes": "Inclusive", "LineItems": [
+            {"Description": "Salon", "Quantity": 1, "UnitAmount": Decimal("1200.00"), "AccountCode": "6233",
+             "TaxType": "TAX001"},
+            {"Description": "Conseil", "Quantity": 1, "UnitAmount": Decimal("600.00"), "AccountCode": "6226",
+             "TaxType": "TAX001"}]}]})["Invoices"][0]
+    xero_api(sandbox, "PUT", "/BankTransactions", {"Type": "RECEIVE", "Contact": {"Name": "Agence Lumière"},
+                                                   "BankAccount": {"Code": "512"}, "Date": "2026-01-22", "LineItems": [
+        {"Description": "Avoir", "Quantity": 1, "UnitAmount": Decimal("5.00"), "AccountCode": "6231"}]})
+    lines = list(ledger.list_expenses(["6231", "6251", "6233"], dt.date(2026, 1, 1), dt.date(2026, 1, 31)))
+    got = sorted((ln.ledger_id.split(":")[0], ln.account_code, ln.date, ln.net, ln.currency) for ln in lines)
+    assert got == sorted([
+        (bill["InvoiceID"], "6231", day, Decimal("1000.00"), "EUR"),
+        (paid["InvoiceID"], "6231", dt.date(2026, 1, 31), Decimal("250.50"), "EUR"),
+        (usd["InvoiceID"], "6231", dt.date(2026, 1, 1), Decimal("99.00"), "USD"),
+        (spend["BankTransactionID"], "6251", day, Decimal("80.00"), "EUR"),
+        (mixed["InvoiceID"], "6233", dt.date(2026, 1, 22), Decimal("1000.00"), "EUR"),
+    ])
+    assert len({ln.ledger_id for ln in lines}) == len(lines)
+    by_doc = {ln.ledger_id.split(":")[0]: ln for ln in lines}
+    assert by_doc[usd["InvoiceID"]].exchange_rate == (Decimal(1) / usd["CurrencyRate"]).quantize(Decimal("1e-10"))
+    assert by_doc[bill["InvoiceID"]].exchange_rate == 1
+    assert by_doc[spend["BankTransactionID"]].description == "Train Paris-Lyon"
+    assert list(ledger.list_expenses([], dt.date(2026, 1, 1), dt.date(2026, 1, 31))) == []
+    assert list(ledger.list_expenses(["6231"], dt.date(2026, 2, 1), dt.date(2026, 1, 1))) == []
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import threading
 import time
@@ -431,3 +432,184 @@ def test_state_survives_save_and_load(tmp_path: Path, clock: ManualClock) -> Non
                            data={"grant_type": "refresh_token", "refresh_token": refresh},
                            auth=(second.client_id, "demo-client-secret"))
     assert token.status_code == 200
+
+
+def credit_note(contact_id: str, amount: str = "100.00", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "Type": "ACCRECCREDIT", "Contact": {"ContactID": contact_id}, "Date": "2026-01-20", "Status": "AUTHORISED",
+        "LineItems": [{"Description": "Geste commercial", "Quantity": 1, "UnitAmount": Decimal(amount),
+                       "AccountCode": "706", "TaxType": "TAX001"}],
+    }
+    body.update(extra)
+    return body
+
+
+def allocate(api: Api, note_id: str, invoice_id: str, amount: str, day: str = "2026-01-21",
+             **params: Any) -> httpx.Response:
+    return api.put(f"/CreditNotes/{note_id}/Allocations",
+                   {"Allocations": [{"Invoice": {"InvoiceID": invoice_id}, "Amount": Decimal(amount), "Date": day}]},
+                   **params)
+
+
+def test_credit_note_totals_numbers_and_allocations_settle_the_invoice(api: Api, sandbox: XeroSandbox) -> None:
+    """Credit notes are totalled like invoices and numbered CN-0001...; an allocation lowers the invoice's amount
+    due and the note's remaining credit; the invoice is PAID once payments and credits cover it."""
+    cid = new_contact(api)
+    inv = data(api.put("/Invoices", {"Invoices": [invoice(cid, "LB-C")]}))["Invoices"][0]
+    note = data(api.put("/CreditNotes", {"CreditNotes": [credit_note(cid, "100.005")]}))["CreditNotes"][0]
+    assert (note["CreditNoteNumber"], note["Type"], note["Status"]) == ("CN-0001", "ACCRECCREDIT", "AUTHORISED")
+    assert (note["SubTotal"], note["TotalTax"], note["Total"], note["RemainingCredit"]) == (
+        Decimal("100.01"), Decimal("20.00"), Decimal("120.01"), Decimal("120.01"))
+    assert note["CurrencyRate"] == 1
+    assert note["Allocations"] == []
+    done = data(allocate(api, note["CreditNoteID"], inv["InvoiceID"], "120.01"))["Allocations"][0]
+    assert (done["Amount"], done["Invoice"]["InvoiceID"]) == (Decimal("120.01"), inv["InvoiceID"])
+    assert done["Date"] == wire.ms_date(wire.parse_date("2026-01-21"))  # type: ignore[arg-type]
+    credited = data(api.get(f"/Invoices/{inv['InvoiceID']}"))["Invoices"][0]
+    assert (credited["AmountCredited"], credited["AmountDue"], credited["Status"]) == (
+        Decimal("120.01"), Decimal("1919.99"), "AUTHORISED")
+    assert [(c["CreditNoteID"], c["AppliedAmount"]) for c in credited["CreditNotes"]] == [
+        (note["CreditNoteID"], Decimal("120.01"))]
+    spent = data(api.get(f"/CreditNotes/{note['CreditNoteID']}"))["CreditNotes"][0]
+    assert (spent["Status"], spent["RemainingCredit"]) == ("PAID", 0)
+    assert [(a["Amount"], a["Invoice"]["InvoiceID"]) for a in spent["Allocations"]] == [
+        (Decimal("120.01"), inv["InvoiceID"])]
+    sandbox.create_payment(inv["InvoiceID"], Decimal("1000.00"), wire.parse_date("2026-01-25"))
+    big = data(api.put("/CreditNotes", {"CreditNotes": [credit_note(cid, "2000.00")]}))["CreditNotes"][0]
+    over = data(allocate(api, big["CreditNoteID"], inv["InvoiceID"], "920.00"))["Allocations"][0]
+    assert over["ValidationErrors"][0]["Message"] == "The amount being allocated exceeds the amount outstanding on " \
+                                                     "this invoice"
+    data(allocate(api, big["CreditNoteID"], inv["InvoiceID"], "919.99", day="2026-01-30"))
+    settled = data(api.get(f"/Invoices/{inv['InvoiceID']}"))["Invoices"][0]
+    assert (settled["Status"], settled["AmountDue"], settled["AmountPaid"], settled["AmountCredited"]) == (
+        "PAID", 0, Decimal("1000.00"), Decimal("1040.00"))
+    assert settled["FullyPaidOnDate"] == wire.ms_date(wire.parse_date("2026-01-30"))  # type: ignore[arg-type]
+    left = data(api.get(f"/CreditNotes/{big['CreditNoteID']}"))["CreditNotes"][0]
+    assert (left["Status"], left["RemainingCredit"]) == ("AUTHORISED", Decimal("2400.00") - Decimal("919.99"))
+    refused = data(api.put("/Payments", {"Payments": [{"Invoice": {"InvoiceID": inv["InvoiceID"]},
+                                                       "Account": {"Code": "512"}, "Amount": Decimal("1")}]}))
+    assert refused["Payments"][0]["ValidationErrors"][0]["Message"] == \
+        "Payments can only be made against Authorised documents"
+
+
+def test_removing_an_allocation_reopens_the_invoice_and_notes_keep_xero_rules(api: Api) -> None:
+    """DELETE of an allocation gives the credit back; a note with allocations cannot be voided nor edited, a draft
+    cannot be allocated, nor a note to another contact's invoice; numbers are unique; summarizeErrors=true fails all."""
+    cid, other = new_contact(api), new_contact(api, "Autre SAS")
+    inv = data(api.put("/Invoices", {"Invoices": [invoice(cid, "LB-D")]}))["Invoices"][0]
+    note = data(api.put("/CreditNotes", credit_note(cid, "1700.00")))["CreditNotes"][0]
+    allocation = data(allocate(api, note["CreditNoteID"], inv["InvoiceID"], "2040.00"))["Allocations"][0]
+    assert data(api.get(f"/Invoices/{inv['InvoiceID']}"))["Invoices"][0]["Status"] == "PAID"
+    void = data(api.post(f"/CreditNotes/{note['CreditNoteID']}", {"Status": "VOIDED"}))["CreditNotes"][0]
+    assert void["HasErrors"] is True
+    assert "cannot be voided" in void["ValidationErrors"][0]["Message"]
+    path = f"/CreditNotes/{note['CreditNoteID']}/Allocations/{allocation['AllocationID']}"
+    removed = api.http.delete(path, headers=api.headers)
+    assert removed.status_code == 200
+    assert data(removed)["IsDeleted"] is True
+    assert api.http.delete(path, headers=api.headers).status_code == 404
+    reopened = data(api.get(f"/Invoices/{inv['InvoiceID']}"))["Invoices"][0]
+    assert (reopened["Status"], reopened["AmountDue"], reopened["CreditNotes"]) == ("AUTHORISED", Decimal("2040.00"),
+                                                                                    [])
+    voided = data(api.post(f"/CreditNotes/{note['CreditNoteID']}", {"Status": "VOIDED"}))["CreditNotes"][0]
+    assert (voided["Status"], voided["Allocations"]) == ("VOIDED", [])
+    draft = data(api.put("/CreditNotes", credit_note(cid, Status="DRAFT", CreditNoteNumber="AV-1")))["CreditNotes"][0]
+    refused = data(allocate(api, draft["CreditNoteID"], inv["InvoiceID"], "10"))["Allocations"][0]
+    assert refused["ValidationErrors"][0]["Message"] == "Only approved credit notes can be allocated"
+    again = data(api.put("/CreditNotes", credit_note(cid, CreditNoteNumber="AV-1")))["CreditNotes"][0]
+    assert again["ValidationErrors"][0]["Message"] == "Credit Note # must be unique."
+    theirs = data(api.put("/CreditNotes", credit_note(other)))["CreditNotes"][0]
+    wrong = data(allocate(api, theirs["CreditNoteID"], inv["InvoiceID"], "10"))["Allocations"][0]
+    assert wrong["ValidationErrors"][0]["Message"] == "The credit note and the invoice must belong to the same contact"
+    deleted = data(api.post("/CreditNotes", {"CreditNotes": [{"CreditNoteID": draft["CreditNoteID"],
+                                                              "Status": "DELETED"}]}))["CreditNotes"][0]
+    assert deleted["Status"] == "DELETED"
+    before = data(api.get("/CreditNotes"))["CreditNotes"]
+    batch = api.put("/CreditNotes", {"CreditNotes": [credit_note(cid), credit_note(cid, Type="NOPE")]},
+                    summarizeErrors="true")
+    assert batch.status_code == 400
+    assert data(api.get("/CreditNotes"))["CreditNotes"] == before
+
+
+def test_credit_notes_list_with_filters_paging_and_lines_only_when_paged(api: Api, clock: ManualClock) -> None:
+    """GET /CreditNotes honours where (Type, Status), If-Modified-Since, order and page/pageSize; lines with a page."""
+    cid = new_contact(api)
+    api.put("/CreditNotes", {"CreditNotes": [credit_note(cid), credit_note(cid, Type="ACCPAYCREDIT")]})
+    clock.advance(60)
+    mark = dt_of(clock)
+    api.put("/CreditNotes", credit_note(cid, "50.00"))
+    sales = data(api.get("/CreditNotes", where='Type=="ACCRECCREDIT"', order="CreditNoteNumber DESC"))["CreditNotes"]
+    assert [n["CreditNoteNumber"] for n in sales] == ["CN-0002", "CN-0001"]
+    assert all("LineItems" not in n for n in sales)
+    recent = data(api.get("/CreditNotes", headers={"If-Modified-Since": mark}))["CreditNotes"]
+    assert [n["Total"] for n in recent] == [Decimal("60.00")]
+    paged = data(api.get("/CreditNotes", page=2, pageSize=2))
+    assert paged["pagination"] == {"page": 2, "pageSize": 2, "pageCount": 2, "itemCount": 3}
+    assert paged["CreditNotes"][0]["LineItems"][0]["LineAmount"] == Decimal("50.00")
+    assert api.get("/CreditNotes/00000000-0000-0000-0000-0000000000ff").status_code == 404
+
+
+def dt_of(clock: ManualClock) -> str:
+    parsed = wire.parse_datetime(wire.ms_datetime(clock.now()))
+    assert parsed is not None
+    return parsed.isoformat()
+
+
+def test_bank_transactions_spend_money_from_a_bank_account(api: Api) -> None:
+    """SPEND and RECEIVE transactions from a bank account, totalled per line; a non-bank account, another currency
+    or a line without account is refused; POST deletes one."""
+    cid = new_contact(api, "Régie publicitaire")
+    spend: dict[str, Any] = {
+        "Type": "SPEND", "Contact": {"ContactID": cid}, "BankAccount": {"Code": "512"}, "Date": "2026-01-31",
+        "Reference": "Google Ads janvier", "LineItems": [
+            {"Description": "Campagnes", "Quantity": 1, "UnitAmount": Decimal("1250.40"), "AccountCode": "6231",
+             "TaxType": "TAX001"},
+            {"Description": "Salon", "Quantity": 2, "UnitAmount": Decimal("99.99"), "AccountCode": "6233",
+             "TaxType": "TAX001"}],
+    }
+    tx = data(api.put("/BankTransactions", {"BankTransactions": [spend]}))["BankTransactions"][0]
+    assert (tx["Type"], tx["Status"], tx["CurrencyCode"], tx["CurrencyRate"]) == ("SPEND", "AUTHORISED", "EUR", 1)
+    assert (tx["SubTotal"], tx["TotalTax"], tx["Total"]) == (Decimal("1450.38"), Decimal("290.08"),
+                                                             Decimal("1740.46"))
+    assert tx["BankAccount"]["Code"] == "512"
+    bad = [dict(spend, BankAccount={"Code": "6231"}), dict(spend, CurrencyCode="USD"),
+           dict(spend, LineItems=[{"Description": "x", "Quantity": 1, "UnitAmount": 5}]),
+           dict(spend, Type="SPEND-TRANSFER")]
+    refused = data(api.put("/BankTransactions", {"BankTransactions": bad}))["BankTransactions"]
+    assert [r["ValidationErrors"][0]["Message"] for r in refused] == [
+        "Account 6231 is not a bank account",
+        "The currency of a bank transaction must be the currency of its bank account (EUR)",
+        "An account code must be specified on each line of a bank transaction.",
+        "Bank transaction Type must be SPEND or RECEIVE",
+    ]
+    api.put("/BankTransactions", dict(spend, Type="RECEIVE"))
+    spends = data(api.get("/BankTransactions", where='Type=="SPEND"', page=1))["BankTransactions"]
+    assert [t["BankTransactionID"] for t in spends] == [tx["BankTransactionID"]]
+    assert [ln["AccountCode"] for ln in spends[0]["LineItems"]] == ["6231", "6233"]
+    gone = data(api.post(f"/BankTransactions/{tx['BankTransactionID']}", {"Status": "DELETED"}))["BankTransactions"][0]
+    assert gone["Status"] == "DELETED"
+    assert data(api.get(f"/BankTransactions/{tx['BankTransactionID']}"))["BankTransactions"][0]["Status"] == "DELETED"
+
+
+def test_foreign_currency_documents_carry_a_rate_of_the_day(api: Api, sandbox: XeroSandbox) -> None:
+    """A USD invoice gets the rate of its day (USD per EUR, near 1.08, the same in every sandbox) unless one is sent;
+    a EUR invoice has 1; a payment carries the invoice's rate."""
+    cid = new_contact(api)
+    usd = data(api.put("/Invoices", {"Invoices": [
+        invoice(cid, "LB-U1", CurrencyCode="USD", Date="2026-01-15"),
+        invoice(cid, "LB-U2", CurrencyCode="USD", Date="2026-01-16"),
+        invoice(cid, "LB-U3", CurrencyCode="USD", CurrencyRate=Decimal("1.1234567")),
+        invoice(cid, "LB-E", CurrencyRate=Decimal("3")),
+    ]}))["Invoices"]
+    rates = [i["CurrencyRate"] for i in usd]
+    other = XeroSandbox(seed=99)
+    assert rates[:2] == [other.day_rate("USD", dt.date(2026, 1, d)) for d in (15, 16)]
+    assert all(Decimal("1.08") * Decimal("0.9595") <= r <= Decimal("1.08") * Decimal("1.0405") for r in rates[:2])
+    assert all(r.as_tuple().exponent == -6 for r in rates[:2])
+    assert rates[2:] == [Decimal("1.123457"), 1]
+    days = [sandbox.day_rate("USD", dt.date(2026, m, 10)) for m in range(1, 13)]
+    assert len(set(days)) > 6  # the rate moves from month to month
+    paid = sandbox.create_payment(usd[0]["InvoiceID"], Decimal("100.00"))
+    assert paid["CurrencyRate"] == rates[0]
+    bad = data(api.put("/Invoices", invoice(cid, "LB-U4", CurrencyCode="USD", CurrencyRate=0)))["Invoices"][0]
+    assert bad["ValidationErrors"][0]["Message"] == "The CurrencyRate must be greater than zero"
