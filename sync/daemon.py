@@ -108,6 +108,11 @@ _TRIGGER_RETRIES = 30
 _GAP_SHARE = 0.9  # a scheduled run is skipped when the job started less than this share of its period ago
 _MAX_WEBHOOK_BODY = 1 << 20
 
+#: The leases a job holds besides its own: the metrics job pulls the ledger first, so it also holds the ledger
+#: pull's lease (waiting up to the lease time for a ledger pull in flight to end); two pulls of one ledger
+#: never run at once.
+_ALSO_HOLDS: dict[str, tuple[Job, ...]] = {"metrics": ("ledger",)}
+
 
 # --------------------------------------------------------------------------------------------------
 # One daemon per SQLite database
@@ -560,6 +565,7 @@ class Daemon:
         self._schedules: dict[str, Schedule] = {}
         self._paused: dict[str, _Pause] = {}
         self._stopping = False
+        self._stop_event = threading.Event()
         self._config_problem: str | None = None
         self._config_stamp = _stamp(config.path)
 
@@ -577,6 +583,7 @@ class Daemon:
         """Start no new run and wait for the runs in flight, at most ``stop_timeout_s``; False if some remain."""
         with self._lock:
             self._stopping = True
+        self._stop_event.set()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         deadline = time.monotonic() + self.options.stop_timeout_s
@@ -668,7 +675,8 @@ class Daemon:
             gap = _GAP_SHARE * _period_s(trigger, dt.datetime.now(dt.UTC))
         started = time.monotonic()
         try:
-            with self.leases.hold(job_id, min_gap_s=gap) as held:
+            with ExitStack() as stack:
+                held = stack.enter_context(self.leases.hold(job_id, min_gap_s=gap))
                 if held is None:
                     self.metrics.lease_skips.labels(pipeline, job).inc()
                     log.debug("job skipped: another replica runs it or ran it within its period",
@@ -676,10 +684,17 @@ class Daemon:
                     if triggered:
                         self._retry_later(job_id)
                     return
+                also = [stack.enter_context(self.leases.hold(f"{pipeline}:{other}", wait_s=self.leases.lease_s,
+                                                             give_up=self._stop_event))
+                        for other in _ALSO_HOLDS.get(job, ())]
+                if any(h is None for h in also):
+                    log.debug("job postponed: a job it includes is running", pipeline=pipeline, job=job)
+                    self._retry_later(job_id)
+                    return
                 with self._lock:
                     self._retries.pop(job_id, None)
                 outcome = self._run(pipeline, job, held.token, started)
-                if held.lost.is_set():
+                if held.lost.is_set() or any(h is not None and h.lost.is_set() for h in also):
                     self.metrics.leases_lost.labels(pipeline, job).inc()
         except (SQLAlchemyError, StateError) as exc:
             log.warning("job not run: the state store is unreachable", pipeline=pipeline, job=job,

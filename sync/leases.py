@@ -4,7 +4,8 @@ A lease is a row of ``job_leases`` named ``"<pipeline>:<job>"``: the replica tha
 that grows by one on every acquisition, when it was acquired and when it expires. It is taken with one
 statement, ``INSERT ... ON CONFLICT (name) DO UPDATE ... WHERE <the lease is free> RETURNING``: the row
 lock that statement takes makes concurrent takers queue, and exactly one of them sees the lease free.
-A lease is free when it expired (``expires_at <= now``) or was released, or when it is already the caller's.
+A lease is free when it expired (``expires_at <= now``) or was released; a lease its owner holds is not free
+to that owner either (two jobs of one replica exclude each other like two replicas do).
 
 While a job runs, a heartbeat thread renews its lease every third of the lease time; when the job ends the
 lease is released (its expiry set to now, its token kept, so tokens never go back). A replica that dies
@@ -113,7 +114,7 @@ class Leases:
         insert = (postgresql.insert(t) if self._pg else sqlite.insert(t)).values(
             name=name, owner=self.owner, token=1, acquired_at=now, expires_at=expires
         )
-        free = sa.or_(t.c.expires_at <= now, t.c.owner == self.owner)
+        free = t.c.expires_at <= now
         if min_gap_s > 0:
             free = sa.and_(free, t.c.acquired_at <= self._shift(now, -min_gap_s))
         stmt = insert.on_conflict_do_update(
@@ -167,12 +168,18 @@ class Leases:
                         expires_at=m["expires_at"])
 
     @contextmanager
-    def hold(self, name: str, *, min_gap_s: float = 0.0) -> Iterator[HeldLease | None]:
+    def hold(self, name: str, *, min_gap_s: float = 0.0, wait_s: float = 0.0,
+             give_up: threading.Event | None = None) -> Iterator[HeldLease | None]:
         """Hold the lease ``name`` for the block, renewed by a heartbeat; yields None when it is not free.
 
-        The lease is released when the block ends, whether it ends normally or by an exception.
+        ``wait_s`` > 0 tries again (every quarter second) for that long before giving up, or until
+        ``give_up`` is set. The lease is released when the block ends, normally or by an exception.
         """
+        deadline = time.monotonic() + wait_s
         lease = self.try_acquire(name, min_gap_s=min_gap_s)
+        while lease is None and time.monotonic() < deadline and not (give_up is not None and give_up.is_set()):
+            time.sleep(min(0.25, max(deadline - time.monotonic(), 0.0)))
+            lease = self.try_acquire(name, min_gap_s=min_gap_s)
         if lease is None:
             yield None
             return

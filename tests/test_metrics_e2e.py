@@ -36,7 +36,7 @@ class World:
     db: Path
 
 
-@pytest.fixture()
+@pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     hub = build_sandbox("hubspot", seed=SEED, deals=DEALS, companies=COMPANIES, time_scale=50)
     xero = build_sandbox("xero", seed=SEED, deals=DEALS, companies=COMPANIES, time_scale=50, history_years=2,
@@ -74,7 +74,8 @@ def test_metrics_written_to_hubspot_then_nothing_then_only_what_a_payment_change
     first = _metrics(world)
     assert first["status"] == "ok", first["error"]
     wb = first["write_back"]
-    assert wb["customers"]["values_written"] > 0 and wb["customers"]["records_failed"] == 0
+    assert wb["customers"]["values_written"] > 0
+    assert wb["customers"]["records_failed"] == 0
     assert wb["deals"]["records_changed"] >= created  # every invoiced deal gets its invoice status
     company = first["metrics"]["company"]
     assert company["dso_countback"] is not None

@@ -101,10 +101,14 @@ class Fired:
 
 @pytest.fixture
 def servers() -> Iterator[list[Any]]:
+    """Servers to stop after the test; a sandbox server's webhook sender is stopped with it."""
     started: list[Any] = []
     yield started
     for s in started:
         s.stop()
+        sender = getattr(s.app, "webhook_sender", lambda: None)() if isinstance(s, SandboxServer) else None
+        if sender is not None:
+            sender.stop()
 
 
 def drained(sandbox_url: str) -> bool:
@@ -271,14 +275,14 @@ pipelines:
             assert drained(pd_server.url)
             assert receiver.debouncer.wait_idle(10)
             with server.lock:
-                assert server.answers == [503, 200, 200, 200]
+                assert server.answers == [503, 200, 200, 200], (server.answers, reg.json())
                 payloads = [json.loads(body) for _path, body in server.requests]
             assert [p["meta"]["attempt"] for p in payloads] == [1, 2, 2, 2]
             assert {p["meta"]["id"] for p in payloads} == {payloads[0]["meta"]["id"]}
             assert payloads[1]["meta"]["entity_id"] == deal["id"]
             assert payloads[1]["data"]["status"] == "won"
             assert payloads[1]["previous"]["status"] == "open"
-            assert calls == [("pd", "sync")]
+            assert calls == [("pd", "sync")], calls
             assert store.webhook_event_count("pipedrive:pd") == 1
 
             # Wrong credentials on the sandbox's side: every attempt is refused, nothing is triggered.
@@ -288,8 +292,8 @@ pipelines:
             pd.modify_deal(int(deal["id"]), title="Renamed deal")
             assert drained(pd_server.url)
             stats = httpx.get(pd_server.url + "/_sandbox/webhooks", timeout=10).json()
-            assert stats["failed_events"] == 1
-            assert stats["statuses"] == {"401": 2}
+            assert stats["failed_events"] == 1, stats
+            assert stats["statuses"] == {"401": 2}, stats
             assert receiver.debouncer.wait_idle(10)
             assert calls == [("pd", "sync")]
         finally:

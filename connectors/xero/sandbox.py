@@ -2634,6 +2634,9 @@ class XeroSandbox(SandboxApp):
             raise ValueError("'webhook_key' must be a non-empty string (omit it to have one generated)")
         key = key or random_key()
         target = WebhookTarget.from_body(body, batch_size=100)
+        poll_s = body.get("poll_s", 0.1)
+        if isinstance(poll_s, bool) or not isinstance(poll_s, int | float) or not 0.01 <= poll_s <= 60:
+            raise ValueError("'poll_s' must be a number of seconds between 0.01 and 60")
         with self.lock:
             state: dict[str, Any] = {"key": key, "url": target.url, "seen": {}, "sequence": 0}
             self._webhook_state = state
@@ -2651,8 +2654,7 @@ class XeroSandbox(SandboxApp):
             with self.lock:
                 return self._webhook_changes(state) if self._webhook_state is state else []
 
-        sender = WebhookSender(target, build, name="xero-webhooks", poll=poll,
-                               poll_s=float(body.get("poll_s", 0.1)))
+        sender = WebhookSender(target, build, name="xero-webhooks", poll=poll, poll_s=float(poll_s))
         return sender, ({"webhook_key": key} if body.get("webhook_key") is None else {})
 
     def _webhook_changes(self, state: dict[str, Any]) -> list[dict[str, Any]]:

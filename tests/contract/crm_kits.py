@@ -24,6 +24,7 @@ from connectors.pipedrive.sandbox import PipedriveSandbox
 from connectors.salesforce.adapter import api_field_name
 from connectors.salesforce.sandbox import SalesforceSandbox
 from connectors.sandboxkit import Clock, SandboxApp
+from connectors.seedbook import Book, generate_book
 from sync.sandboxes import build_sandbox, crm_sandbox_settings
 
 __all__ = ["KITS", "SCALE", "SEED", "CrmKit", "StepClock"]
@@ -80,9 +81,18 @@ class CrmKit(abc.ABC):
     midpull_deals: ClassVar[int] = 40
 
     # -- sandbox and settings ------------------------------------------------------------------------------
+    @staticmethod
+    def book(deals: int) -> Book:
+        """The seeded book of ``deals`` deals that :meth:`build` loads (half as many companies)."""
+        return generate_book(SEED, companies=max(deals // 2, 1), deals=deals)
+
     def build(self, *, deals: int, faults: str | None, clock: Clock, oauth: bool = False) -> SandboxApp:
-        """A sandbox loaded with the seeded book of ``deals`` deals; ``oauth`` enables the OAuth refresh flow."""
-        sb = build_sandbox(self.vendor, seed=SEED, deals=deals, faults=faults, clock=clock)
+        """A sandbox loaded with :meth:`book` of ``deals`` deals; ``oauth`` enables the OAuth refresh flow."""
+        sb = build_sandbox(self.vendor, seed=SEED, deals=0, faults=faults, clock=clock)
+        load = getattr(sb, "load_book", None)
+        if load is None:
+            raise TypeError(f"the {self.vendor} sandbox cannot load a book")
+        load(self.book(deals))
         if oauth:
             self.enable_oauth(sb)
         return sb

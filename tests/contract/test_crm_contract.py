@@ -22,12 +22,15 @@ from connectors.hubspot import HubSpotSource
 from connectors.interfaces import CrmSource, Cursor, DealPage, FieldSpec, FieldUpdate
 from connectors.registry import available, connector_class, registered
 from connectors.sandboxkit import SandboxApp, SandboxServer, serve
+from connectors.seedbook import Book
 from connectors.xero.testing import MemoryTokenStore
 from tests.contract.crm_kits import KITS, CrmKit, StepClock
 
 VENDORS = available("crm")
 PAGE = 10
 DEALS = 40
+#: A book size whose seeded activities leave some deals without any (two, for SEED).
+ACTIVITY_DEALS = 60
 FAULTS = "429=0.1,503=0.1"
 #: Before every deal of the seeded book (2024 onwards), so that the tied deals are the first pages of a pull.
 TIE = dt.datetime(2023, 6, 1, 8, 0, tzinfo=dt.UTC)
@@ -180,6 +183,29 @@ def check_deal(deal: Deal, row: dict[str, Any]) -> None:
         assert deal.customer is not None, deal.crm_id
         assert deal.line_items, deal.crm_id
         assert deal.lines_net_total() == deal.amount, deal.crm_id
+
+
+def check_metrics_fields(deal: Deal, row: dict[str, Any], book: Book) -> None:
+    """A live deal carries its creation time, whether it is closed, a probability on the 0..1 scale (1 once won,
+    0 once lost) and its customer with the book's creation order and acquisition channel."""
+    bd = book.deal(row["book_id"])
+    assert deal.is_closed == row["closed"] == bd.is_closed, deal.crm_id
+    assert deal.created_at is not None, deal.crm_id
+    assert abs(deal.created_at - bd.created_at) < dt.timedelta(seconds=1), deal.crm_id  # Pipedrive keeps seconds
+    assert deal.acquisition_source == bd.acquisition_source, deal.crm_id
+    assert deal.probability is not None, deal.crm_id
+    assert 0 <= deal.probability <= 1, deal.crm_id
+    if deal.is_won:
+        assert deal.probability == 1, deal.crm_id
+    elif deal.is_closed:
+        assert deal.probability == 0, deal.crm_id
+    else:
+        assert 0 < deal.probability < 1, deal.crm_id
+    c = deal.customer
+    assert c is not None, deal.crm_id
+    assert c.acquisition_source == book.company(bd.company_id).acquisition_source, deal.crm_id
+    assert c.created_at is not None, deal.crm_id
+    assert c.created_at <= deal.created_at, deal.crm_id
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -359,6 +385,59 @@ def test_get_deals_keeps_the_order_and_leaves_unknown_ids_out(vendor: str, crm: 
     for d in got:
         check_deal(d, rows[d.crm_id])
     assert env.source().get_deals([env.kit.unknown_id]) == []
+
+
+@each_crm
+def test_deals_carry_probability_creation_and_acquisition(vendor: str, crm: OpenCrm) -> None:
+    """Every deal of a pull, and of get_deals, carries created_at, is_closed, a probability in [0, 1] (1 when won,
+    0 when lost) and its customer (open and lost deals too) with created_at and the acquisition channel."""
+    env = crm(vendor)
+    book = env.kit.book(DEALS)
+    rows = env.deals()
+    deals = [d for p in env.pull(env.source()) for d in p.deals]
+    assert len(deals) == len(rows)
+    for d in deals:
+        check_metrics_fields(d, rows[d.crm_id], book)
+    assert {d.is_won for d in deals} == {True, False}
+    assert any(not d.is_closed for d in deals)
+    assert any(d.is_closed and not d.is_won for d in deals)
+    sample = [d.crm_id for d in deals if not d.is_closed][:3] + [d.crm_id for d in deals if d.is_closed][:3]
+    for d in env.source().get_deals(sample):
+        check_metrics_fields(d, rows[d.crm_id], book)
+
+
+@each_crm
+def test_activity_counts_are_the_seeded_activities(vendor: str, crm: OpenCrm) -> None:
+    """activity_counts gives, per deal and kind, the activities the sandbox holds, which are the book's: for a few
+    deals and for all of them; deals without any, unknown and malformed ids are absent; no ids give {}."""
+    env = crm(vendor, deals=ACTIVITY_DEALS)
+    book = env.kit.book(ACTIVITY_DEALS)
+    rows = env.deals()
+    held = {i: r["activities"] for i, r in rows.items() if r["activities"]}
+    for i, r in rows.items():
+        assert r["activities"] == dict(Counter(a.kind for a in book.activities(book.deal(r["book_id"])))), i
+    assert 0 < len(held) < len(rows)  # some deals of this book have no activity at all
+    assert {k for counts in held.values() for k in counts} == {"call", "meeting", "email", "task"}
+    src = env.source()
+    assert src.activity_counts([]) == {}
+    few = list(rows)[:6]
+    assert src.activity_counts([*few, env.kit.unknown_id, "no-such-deal"]) == {i: held[i] for i in few if i in held}
+    assert src.activity_counts(list(rows)) == held
+    assert src.activity_counts([env.kit.unknown_id]) == {}
+
+
+@each_crm
+def test_activity_counts_survive_429_and_5xx(vendor: str, crm: OpenCrm) -> None:
+    """Under seeded 429 and 503 faults the counts are still exact: the reads are retried, never counted twice."""
+    env = crm(vendor, faults=FAULTS)
+    rows = env.deals()
+    src = env.source()
+    assert src.activity_counts(list(rows)) == {i: r["activities"] for i, r in rows.items() if r["activities"]}
+    few = list(rows)[:5]
+    assert src.activity_counts(few) == {i: rows[i]["activities"] for i in few if rows[i]["activities"]}
+    injected = sum(env.sandbox.stats()["faults_injected"].values())
+    assert injected > 0
+    assert src.stats.retries >= injected
 
 
 @each_crm

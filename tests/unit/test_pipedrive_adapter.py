@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -221,6 +222,7 @@ def test_probability_creation_and_customer_acquisition(env: Callable[..., Env], 
         assert c is not None
         assert c.acquisition_source == book.company(bd.company_id).acquisition_source
         assert c.created_at == dt.datetime.fromisoformat(sb.organization(int(c.crm_id))["add_time"])
+        assert deal.created_at is not None
         assert c.created_at < deal.created_at
     assert own > 5
 
@@ -258,8 +260,8 @@ def test_activity_counts_follow_types_and_deletes(env: Callable[..., Env], book:
         "activity_types": {"call": "call", "meeting": "meeting", "email": "email", "task": "task", "lunch": "meeting"},
     }, _MemoryTokens(), transport=sb.transport())
     deal = next(i for i in sb.deal_ids() if sb.activity_counts_of(i).get("call"))
-    with httpx.Client(transport=sb.transport(), base_url="https://api.pipedrive.com",
-                      headers={"x-api-token": TOKEN}) as api:
+    with contextlib.closing(mapped), httpx.Client(transport=sb.transport(), base_url="https://api.pipedrive.com",
+                                                  headers={"x-api-token": TOKEN}) as api:
         before = src.activity_counts([str(deal)]).get(str(deal), {})
         made = api.post("/api/v2/activities", json={"deal_id": deal, "type": "lunch", "subject": "Déjeuner",
                                                     "done": True})
@@ -270,7 +272,6 @@ def test_activity_counts_follow_types_and_deletes(env: Callable[..., Env], book:
         assert api.delete(f"/api/v2/activities/{call}").status_code == 200
     after = src.activity_counts([str(deal)]).get(str(deal), {})
     assert after.get("call", 0) == before["call"] - 1
-    mapped.close()
 
 
 def test_status_not_stage_decides_won(env: Callable[..., Env], book: Book) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import pickle
 import time
+from collections import Counter
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -426,3 +428,115 @@ def test_admin_deals_listing_and_user_edit(book: Book, sb: PipedriveSandbox) -> 
         stats = raw.get("/_sandbox/stats").json()
     assert stats["objects"]["deals"] == len(book.deals)
     assert json.dumps(stats)
+
+
+def test_activities_list_filters_and_pages(book: Book, sb: PipedriveSandbox, api: httpx.Client) -> None:
+    """GET /api/v2/activities lists the book's activities (done, on their deal, person and organization), filters
+    by one deal_id, type-agnostic, pages with limit/cursor, sorts by due_date, and costs 10 tokens a page."""
+    pd_ids = sb.deal_ids_by_book_id()
+    everything = walk(api, "/api/v2/activities", limit=500)
+    assert len(everything) == sum(len(book.activities(d)) for d in book.deals)
+    assert [a["id"] for a in everything] == sorted(a["id"] for a in everything)
+    assert {a["type"] for a in everything} == {"call", "meeting", "email", "task"}
+    assert all(a["done"] and a["marked_as_done_time"] and not a["is_deleted"] for a in everything)
+    deal = next(d for d in book.deals if len(book.activities(d)) >= 3)
+    did = pd_ids[deal.id]
+    raw = sb.deal(did)
+    mine = walk(api, "/api/v2/activities", deal_id=did, limit=2)
+    assert [(a["type"], a["subject"]) for a in sorted(mine, key=lambda a: a["add_time"])] == [
+        (a.kind, a.subject) for a in book.activities(deal)]
+    assert {(a["person_id"], a["org_id"]) for a in mine} == {(raw["person_id"], raw["org_id"])}
+    assert all(parse_time(a["add_time"]) == int(x.at.timestamp()) for a, x in zip(
+        sorted(mine, key=lambda a: a["add_time"]), book.activities(deal), strict=True))
+    meeting = next((a for a in everything if a["type"] == "meeting"), None)
+    assert meeting is not None
+    assert meeting["busy"] is True
+    assert meeting["duration"].count(":") == 2
+    by_due = walk(api, "/api/v2/activities", sort_by="due_date", sort_direction="desc", limit=500)
+    assert [a["due_date"] for a in by_due] == sorted((a["due_date"] for a in everything), reverse=True)
+    assert walk(api, "/api/v2/activities", deal_id=424242) == []
+    assert walk(api, "/api/v2/activities", done="false") == []
+    for bad in ({"limit": 501}, {"done": "maybe"}, {"include_fields": "notes"}, {"sort_by": "subject"}):
+        assert api.get("/api/v2/activities", params=bad).status_code == 400, bad
+    assert "attendees" in api.get("/api/v2/activities", params={"include_fields": "attendees"}).json()["data"][0]
+    start = sb.tokens_left()
+    resp = api.get("/api/v2/activities", params={"deal_id": did})
+    assert int(resp.headers["x-daily-requests-left"]) == start - 10
+    with httpx.Client(transport=sb.transport(), base_url="http://sandbox") as admin:
+        rows = {r["book_id"]: r for r in admin.get("/_sandbox/deals").json()}
+    for d in book.deals:
+        assert rows[d.id]["activities"] == dict(Counter(a.kind for a in book.activities(d)))
+        assert parse_time(rows[d.id]["created_at"]) == int(d.created_at.timestamp())
+
+
+def test_adding_and_deleting_an_activity(sb: PipedriveSandbox, api: httpx.Client) -> None:
+    """POST /activities adds one (type checked, deal checked, 5 tokens); DELETE takes it out of the listings."""
+    deal = sb.deal_ids()[0]
+    before = sb.activity_counts_of(deal)
+    made = api.post("/api/v2/activities", json={"deal_id": deal, "type": "call", "subject": "Rappel"})
+    assert made.status_code == 200, made.text
+    activity = made.json()["data"]
+    assert (activity["deal_id"], activity["type"], activity["done"]) == (deal, "call", False)
+    assert sb.activity_counts_of(deal) == {**before, "call": before.get("call", 0) + 1}
+    assert api.get(f"/api/v2/activities/{activity['id']}").json()["data"]["subject"] == "Rappel"
+    assert api.post("/api/v2/activities", json={"deal_id": deal, "type": "fax"}).status_code == 400
+    assert api.post("/api/v2/activities", json={"deal_id": 424242, "type": "call"}).status_code == 400
+    assert api.delete(f"/api/v2/activities/{activity['id']}").status_code == 200
+    assert sb.activity_counts_of(deal) == before
+    assert activity["id"] not in {a["id"] for a in walk(api, "/api/v2/activities", deal_id=deal)}
+    assert api.delete(f"/api/v2/activities/{activity['id']}").status_code == 404
+
+
+def test_stages_pipelines_and_activity_metadata(api: httpx.Client) -> None:
+    """Stages carry deal_probability (percent) per pipeline and cost 5 tokens; pipelines list; activityTypes and
+    activityFields describe the activity types."""
+    stages = walk(api, "/api/v2/stages")
+    assert {s["pipeline_id"] for s in stages} == {1, 2}
+    assert all(isinstance(s["deal_probability"], int) and 0 < s["deal_probability"] <= 100 for s in stages)
+    assert [s["id"] for s in walk(api, "/api/v2/stages", pipeline_id=2, sort_by="order_nr")] == [6, 7, 8, 9, 10]
+    assert api.get("/api/v2/stages/3").json()["data"]["deal_probability"] == 50
+    assert api.get("/api/v2/stages/99").status_code == 404
+    pipelines = walk(api, "/api/v2/pipelines")
+    assert [(p["id"], p["is_deal_probability_enabled"]) for p in pipelines] == [(1, True), (2, True)]
+    left = int(api.get("/api/v2/stages").headers["x-daily-requests-left"])
+    assert int(api.get("/api/v2/pipelines").headers["x-daily-requests-left"]) == left - 5
+    types = api.get("/v1/activityTypes").json()["data"]
+    assert {"call", "meeting", "email", "task"} <= {t["key_string"] for t in types}
+    fields = {f["field_code"]: f for f in walk(api, "/api/v2/activityFields")}
+    assert {"subject", "type", "deal_id", "due_date", "done"} <= set(fields)
+    assert {o["label"] for o in fields["type"]["options"]} >= {"Call", "Meeting", "Email", "Task"}
+    assert api.get("/v1/activityFields").json()["additional_data"]["pagination"]["more_items_in_collection"] is False
+
+
+def test_organizations_carry_acquisition_source_and_some_deals_a_probability(book: Book, sb: PipedriveSandbox,
+                                                                             api: httpx.Client) -> None:
+    """Organizations carry the company's acquisition channel as an option; about a quarter of open deals have a
+    probability of their own, closed deals none."""
+    fields = {f["field_name"]: f for f in walk(api, "/api/v2/organizationFields")}
+    source = fields["Acquisition source"]
+    labels = {o["id"]: o["label"] for o in source["options"]}
+    orgs = sb.org_ids_by_book_id()
+    for c in book.companies:
+        assert labels[sb.organization(orgs[c.id])["custom_fields"][source["field_code"]]] == c.acquisition_source
+    pd_ids = sb.deal_ids_by_book_id()
+    own = [sb.deal(pd_ids[d.id])["probability"] for d in book.deals if not d.is_closed]
+    assert 0.1 < sum(p is not None for p in own) / len(own) < 0.45
+    assert all(sb.deal(pd_ids[d.id])["probability"] is None for d in book.deals if d.is_closed)
+
+
+def test_state_saved_before_activities_existed_still_loads(sb: PipedriveSandbox, tmp_path: Path) -> None:
+    """A state file written before activities existed loads: no activities, and new ones can be added."""
+    sb.save(tmp_path / "pd.state")
+    state = pickle.loads((tmp_path / "pd.state").read_bytes())
+    del state["_activities"]
+    del state["_fields"]["activity"]
+    del state["_next_ids"]["activity"]
+    (tmp_path / "old.state").write_bytes(pickle.dumps(state))
+    fresh = PipedriveSandbox(seed=11)
+    assert fresh.load(tmp_path / "old.state")
+    deal = sb.deal_ids()[0]
+    assert fresh.activity_counts_of(deal) == {}
+    with client(fresh) as api:
+        assert api.post("/api/v2/activities", json={"deal_id": deal, "type": "email"}).status_code == 200
+        assert api.get("/api/v2/activityFields").status_code == 200
+    assert fresh.activity_counts_of(deal) == {"email": 1}
