@@ -372,6 +372,72 @@ def compute_section(generated: Generated, *, traced: bool) -> dict[str, Any]:
     }
 
 
+# -- write-back -----------------------------------------------------------------------------------
+
+def write_section(result: MetricsResult, next_day: MetricsResult, *, companies: int,
+                  time_scale: float) -> dict[str, Any]:
+    """Write the customer metrics of ``companies`` customers to a HubSpot sandbox (companies created there
+    through its batch API), then the same values again, then the next day's values; count the update calls
+    against the least possible (records changed / batch size) and check the sandbox holds the values."""
+    import math
+    import tempfile
+    from pathlib import Path
+
+    import httpx
+
+    from config.schema import MetricsFields
+    from connectors.hubspot.adapter import HubSpotSource
+    from connectors.hubspot.sandbox import HubSpotSandbox
+    from connectors.sandboxkit import Clock, serve
+    from connectors.xero.testing import MemoryTokenStore
+    from metrics.writeback import CUSTOMER_FIELDS, write_back
+    from sync.factstore import FactStore
+    from sync.sandboxes import crm_sandbox_settings
+    from sync.state import StateStore
+
+    ids = sorted(result.customers)[:companies]
+    sandbox = HubSpotSandbox(seed=0, clock=Clock(scale=time_scale))
+    server = serve(sandbox)
+    try:
+        hubspot_id: dict[str, str] = {}
+        with httpx.Client(base_url=server.url, headers={"Authorization": "Bearer demo-hubspot-token"},
+                          timeout=60) as http:
+            for i in range(0, len(ids), 100):
+                chunk = ids[i:i + 100]
+                while True:
+                    r = http.post("/crm/v3/objects/companies/batch/create",
+                                  json={"inputs": [{"properties": {"name": f"Customer {c}"}} for c in chunk]})
+                    if r.status_code != 429:
+                        break
+                    time.sleep(float(r.headers.get("Retry-After", "1")) / time_scale)
+                r.raise_for_status()
+                for c, made in zip(chunk, sorted(r.json()["results"], key=lambda x: int(x["id"])), strict=True):
+                    hubspot_id[c] = made["id"]
+        crm = HubSpotSource.from_config(crm_sandbox_settings("hubspot", server.url, time_scale=time_scale),
+                                        MemoryTokenStore())
+        with tempfile.TemporaryDirectory() as tmp:
+            store = StateStore.open(f"sqlite:///{Path(tmp) / 'bench.db'}")
+            facts = FactStore(store)
+            batch = crm.settings.batch_size
+
+            def one(res: MetricsResult) -> dict[str, Any]:
+                records = {hubspot_id[c]: res.customer_values(c) for c in ids}
+                t0 = time.perf_counter()
+                wb = write_back(crm, facts, "bench", "customer", CUSTOMER_FIELDS, records, currency=res.currency,
+                                fields=MetricsFields())
+                return {"values_changed": wb.values_changed, "records_changed": wb.records_changed,
+                        "update_calls": wb.write_calls, "least_calls": math.ceil(wb.records_changed / batch),
+                        "records_failed": wb.records_failed, "seconds": round(time.perf_counter() - t0, 2)}
+
+            first, again, daily = one(result), one(result), one(next_day)
+            store.close()
+        crm.close()
+    finally:
+        server.stop()
+    return {"companies": len(ids), "batch_size": batch, "clock": time_scale, "first": first, "same_again": again,
+            "next_day": daily}
+
+
 # -- output ---------------------------------------------------------------------------------------
 
 def _jsonable(value: Any) -> Any:
@@ -387,6 +453,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def print_report(out: dict[str, Any]) -> None:
+    if "write" in out:
+        w = out["write"]
+        for label in ("first", "same_again", "next_day"):
+            r = w[label]
+            print(f"write-back {label}: {r['values_changed']:,} values on {r['records_changed']:,} of "
+                  f"{w['companies']:,} companies; {r['update_calls']} update calls, least {r['least_calls']} "
+                  f"(batch {w['batch_size']}); {r['records_failed']} rejected; {r['seconds']} s")
     g = out["generation"]
     print(f"synthetic book: {g['customers']:,} customers, {g['invoices']:,} invoices, {g['payments']:,} payments, "
           f"{g['credits']:,} credit notes, {g['deals']:,} deals, {g['activities']:,} activity rows "
@@ -414,12 +487,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-trace", action="store_true", help="skip the second, tracemalloc-traced compute run")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--write-companies", type=int, default=0,
+                    help="also write the metrics of this many customers to a HubSpot sandbox and count the calls")
+    ap.add_argument("--time-scale", type=float, default=50.0, help="clock of the HubSpot sandbox (x)")
     args = ap.parse_args()
 
     generated = build_facts(args.customers, args.invoices_per_customer, seed=args.seed, weeks=args.weeks)
     print(f"generated in {generated.seconds:.1f} s; computing", file=sys.stderr, flush=True)
     out: dict[str, Any] = {"generation": generated.stats, "generation_s": round(generated.seconds, 2)}
     out["compute"] = compute_section(generated, traced=not args.no_trace)
+    if args.write_companies:
+        from dataclasses import replace
+
+        config = MetricsConfig()
+        today = compute(generated.facts, config)
+        tomorrow = compute(replace(generated.facts, as_of=generated.facts.as_of + dt.timedelta(days=1)), config)
+        out["write"] = write_section(today, tomorrow, companies=args.write_companies, time_scale=args.time_scale)
     if args.json:
         print(json.dumps(_jsonable(out), indent=2))
     else:
