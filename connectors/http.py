@@ -113,6 +113,22 @@ class RateBudget:
             return max(min(limit - sum(1 for hit in hits if hit > now - seconds)
                            for (limit, seconds), hits in zip(self.windows, self._hits, strict=True)), 0)
 
+    def observe(self, remaining: int, window: int = 0) -> None:
+        """The vendor says ``remaining`` calls are left in its ``window``-th window (its limit headers).
+
+        Calls made by other processes or other instances on the same account count there and not here:
+        the local count is raised to match, so a new instance does not burst into a window others used.
+        """
+        with self._lock:
+            now = self._now()
+            limit, seconds = self.windows[window]
+            hits = self._hits[window]
+            while hits and hits[0] <= now - seconds:
+                hits.popleft()
+            missing = (limit - max(remaining, 0)) - len(hits)
+            for _ in range(max(missing, 0)):
+                hits.append(now)
+
     def acquire(self) -> None:
         if self._sem is not None:
             self._sem.acquire()

@@ -16,9 +16,9 @@ Every live deal of a page gets its customer (its primary company) through one v4
 company batch reads of 100, so open and lost deals carry theirs at no call of their own; won deals also get
 their lines (associations to line items and quotes, then batch reads of quotes and line items). When the
 customer accepted a quote, the invoice lines come from the quote (``lines_source="quote"``), otherwise from
-the deal. A quote is accepted when its
-``hs_status`` is one of ``quote_accepted_statuses`` (``ACCEPTED``: CPQ quotes move there when the buyer
-accepts) or, for legacy quotes, when it is published and every e-signature it requires is collected.
+the deal. A quote is accepted when its ``hs_status`` is one of ``quote_accepted_statuses`` (``ACCEPTED``: CPQ
+quotes move there when the buyer accepts) or, for legacy quotes, when it is published and every e-signature it
+requires is collected.
 
 A deal's ``probability`` is HubSpot's calculated ``hs_deal_stage_probability`` (0..1, the stage's probability;
 rounded to four places, as HubSpot writes it as a binary double's decimal expansion), 1 once won and 0 once
@@ -259,8 +259,7 @@ class HubSpotSource(CrmSource):
         self._company_properties = tuple(dict.fromkeys(p for p in (
             "name", "domain", "website", "address", "address2", "city", "zip", "state", "country",
             "hs_analytics_source", "createdate", "hs_lastmodifieddate", settings.vat_number_property,
-            settings.siren_property,
-            settings.siret_property, settings.email_property, settings.currency_property,
+            settings.siren_property, settings.siret_property, settings.email_property, settings.currency_property,
         ) if p))
         self._line_properties = tuple(dict.fromkeys(p for p in (
             "name", "description", "hs_sku", "quantity", "price", "discount", "hs_discount_percentage",
@@ -348,6 +347,11 @@ class HubSpotSource(CrmSource):
                     self.stats.record(endpoint)
                     raw = fn(*args, _request_timeout=self.settings.timeout_s, _preload_content=False, **kwargs)
                     status, body = int(raw.status), bytes(raw.data or b"")  # reading releases the connection
+                    if not search:
+                        # Calls by other instances on this portal count in HubSpot's window, not in ours.
+                        left = (getattr(raw, "headers", None) or {}).get("X-HubSpot-RateLimit-Remaining")
+                        if isinstance(left, str) and left.isdigit():
+                            budget.observe(int(left))
                 except Exception as exc:
                     mapped = self._error(exc, method, path)
                     if mapped is None:
