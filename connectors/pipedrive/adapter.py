@@ -719,22 +719,30 @@ class PipedriveSource(CrmSource):
             self._field_index(entity, refresh=True)
 
     def _format(self, entity: str, f: Mapping[str, Any], value: Any) -> Any:
-        """A value in the JSON type the field takes; anything unconvertible is sent as is for Pipedrive to judge."""
-        if value is None:
+        """A value in the JSON type the field takes; anything unconvertible is sent as is for Pipedrive to judge.
+
+        Values may come as text (``"1234.50"``, ``"2026-01-31"``, ``"true"``): they are converted to the field's
+        type; an empty text clears the field (null), as None does.
+        """
+        if value is None or (isinstance(value, str) and not value.strip()):
             return None
         ftype = f.get("field_type")
         if ftype in ("enum", "set"):
             label = ("Yes" if value else "No") if isinstance(value, bool) else str(value)
             option = self._field_index(entity).option_id(f, label)
+            if option is None and label.strip().lower() in ("true", "false"):  # a yes/no field written as text
+                option = self._field_index(entity).option_id(f, "Yes" if label.strip().lower() == "true" else "No")
             if option is None:
                 raise ValueError(f"{label!r} is not an option of field {f.get('field_name')!r}")
             return [option] if ftype == "set" else option
         if ftype in ("double", "monetary"):
             if isinstance(value, bool):
                 return value
-            number = _dec(value) if isinstance(value, int | Decimal) else None
+            number = _dec(value) if isinstance(value, int | Decimal | str) else None
             return number if number is not None else value
         if ftype == "date":
+            if isinstance(value, str) and len(value.strip()) > 10:
+                value = _parse_time(value) or value  # a datetime's text: its UTC day
             if isinstance(value, dt.datetime):
                 return value.astimezone(dt.UTC).date().isoformat() if value.tzinfo else value.date().isoformat()
             if isinstance(value, dt.date):

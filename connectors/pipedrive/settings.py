@@ -29,8 +29,8 @@ class PipedriveSettings(ConnectorSettings):
     token set then lives in the state store). With OAuth, ``base_url`` is the ``api_domain`` the token
     endpoint returned (``https://<company>.pipedrive.com``).
 
-    Pipedrive has no standard organization field for the VAT number, SIREN, SIRET, billing e-mail or
-    currency: they are custom fields, whose keys are 40-character hashes that differ in every company.
+    Pipedrive has no standard organization field for the VAT number, SIREN, SIRET, billing e-mail, currency or
+    acquisition channel: they are custom fields, whose keys are 40-character hashes that differ in every company.
     Name them here by their label (as shown in Pipedrive) or by their key; the connector resolves labels to
     keys through ``organizationFields`` and ``dealFields``. Set one to ``null`` when the company has no such
     field.

@@ -164,6 +164,8 @@ def _domain(website: str | None) -> str | None:
 
 
 def _wire(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        return None  # an empty text clears the field, whatever its type
     if isinstance(value, dt.datetime):
         return format_datetime(value)
     if isinstance(value, dt.date):

@@ -420,6 +420,31 @@ def test_write_fields_isolates_a_poison_record(env: Callable[..., Env]) -> None:
     assert src.stats.by_endpoint["PATCH /api/v2/deals/{id}".replace("{id}", str(deals[0]))] == 1
 
 
+def test_values_written_as_text_take_the_field_type(env: Callable[..., Env]) -> None:
+    """Values given as text, as the metrics write-back gives them, are sent in the field's type: numbers as numbers,
+    a datetime's text as its day, true/false as Yes/No, and an empty text clears the field."""
+    sb, src = env()
+    specs = [FieldSpec("ledgerbridge_clv", "CLV", "number"),
+             FieldSpec("ledgerbridge_last_invoice", "Last invoice", "date"),
+             FieldSpec("ledgerbridge_at_risk", "At risk", "bool"),
+             FieldSpec("ledgerbridge_note", "Note")]
+    src.ensure_fields("customer", specs)
+    org = str(sb.org_ids_by_book_id()[next(iter(sb.org_ids_by_book_id()))])
+    values = {"ledgerbridge_clv": "90826.27", "ledgerbridge_last_invoice": "2026-01-31T22:30:00.000Z",
+              "ledgerbridge_at_risk": "true", "ledgerbridge_note": "relancer"}
+    assert [r.ok for r in src.write_fields("customer", [FieldUpdate(org, values)])] == [True]
+    keys = {f["field_name"]: f for f in sb.fields_of("organization")}
+    written = sb.organization(int(org))["custom_fields"]
+    yes = next(o["id"] for o in keys["At risk"]["options"] if o["label"] == "Yes")
+    assert (written[keys["CLV"]["field_code"]], written[keys["Last invoice"]["field_code"]],
+            written[keys["At risk"]["field_code"]], written[keys["Note"]["field_code"]]) == (
+        Decimal("90826.27"), "2026-01-31", yes, "relancer")
+    cleared = src.write_fields("customer", [FieldUpdate(org, dict.fromkeys(values, ""))])
+    assert [r.ok for r in cleared] == [True]
+    assert all(sb.organization(int(org))["custom_fields"][keys[n]["field_code"]] is None
+               for n in ("CLV", "Last invoice", "At risk", "Note"))
+
+
 def test_ensure_fields_creates_once_and_is_found_again(env: Callable[..., Env]) -> None:
     """Fields are created once; a later run finds them by their marker even after a label is renamed."""
     sb, src = env()

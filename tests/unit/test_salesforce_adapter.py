@@ -366,6 +366,19 @@ def test_write_fields_isolates_poison_records(env: Callable[..., Env]) -> None:
     assert [r.ok for r in split] == [i != 6 for i in range(10)]
     assert "JSON_PARSER_ERROR" in (split[6].error or "")
     assert sb.record("Opportunity", deals[109])["ledgerbridge_invoiced_amount__c"] == Decimal("1.25")
+    # Values as text (as the metrics write-back sends them), and an empty text clearing any field.
+    as_text = src.write_fields("deal", [FieldUpdate(deals[108], {"ledgerbridge_invoiced_amount": "7.75",
+                                                                 "ledgerbridge_invoiced_on": "2026-02-28"})])
+    assert [r.ok for r in as_text] == [True]
+    rec = sb.record("Opportunity", deals[108])
+    assert (rec["ledgerbridge_invoiced_amount__c"], rec["ledgerbridge_invoiced_on__c"]) == (
+        Decimal("7.75"), dt.date(2026, 2, 28))
+    cleared = src.write_fields("deal", [FieldUpdate(deals[108], dict.fromkeys(
+        ("ledgerbridge_invoice_number", "ledgerbridge_invoiced_amount", "ledgerbridge_invoiced_on"), ""))])
+    assert [r.ok for r in cleared] == [True]
+    rec = sb.record("Opportunity", deals[108])
+    assert (rec["ledgerbridge_invoice_number__c"], rec["ledgerbridge_invoiced_amount__c"],
+            rec["ledgerbridge_invoiced_on__c"]) == (None, None, None)
 
 
 def test_ensure_fields_creates_through_tooling_once(env: Callable[..., Env]) -> None:
