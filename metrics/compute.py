@@ -245,6 +245,8 @@ def compute(
         overhead_channels=config.spend.overhead_channels,
     )
 
+    # Without any spend and any cost per sales activity, acquisition cost is unknown, not zero.
+    costs_known = bool(facts.spend) or any(v for v in (facts.activity_costs or config.activity_costs).values())
     posted_days: dict[str, list[dt.date]] = defaultdict(list)
     for inv in facts.invoices:
         if dso_mod.is_posted(inv) and inv.issue_date <= as_of:
@@ -263,7 +265,7 @@ def compute(
         overdue_amount = ar.overdue_amount if ar is not None else _ZERO
         overdue_count = ar.overdue_invoices if ar is not None else 0
         prediction = predictions.customers_predicted.get(cid)
-        allocated = acquisition.customers.get(cid)
+        allocated = acquisition.customers.get(cid) if costs_known else None
         clv_hist = money(historical.get(cid, _ZERO))
         cac_blended = opt_money(allocated.cac_blended) if allocated is not None else None
         value_by_month = {m: v * (margin if margin is not None else 1) for m, v in monthly.get(cid, {}).items()}

@@ -178,3 +178,17 @@ def test_compute_exposes_cac_per_customer_and_company() -> None:
     on_revenue = compute(facts, MetricsConfig.model_validate({"spend": {"lag_months": 1}}))
     assert on_revenue.customers["apr-1"].cac_payback_months == 1  # revenue 100 >= 90
     assert on_revenue.customers["ads-1"].cac_payback_months is None  # revenue 200 + 300 < 520
+
+
+def test_without_spend_or_activity_costs_cac_is_unknown_not_zero() -> None:
+    """A pipeline that configures no spend source and no activity cost gets no CAC on any customer."""
+    data = book()
+    data["spend"] = []
+    facts = Facts(as_of=AS_OF, currency="EUR", **data)  # type: ignore[arg-type]
+    result = compute(facts, MetricsConfig())
+    assert result.customers
+    assert all(c.cac_paid is None and c.cac_blended is None for c in result.customers.values())
+    assert all(c.clv_cac_ratio is None and c.cac_payback_months is None for c in result.customers.values())
+    with_costs = compute(Facts(as_of=AS_OF, currency="EUR", activity_costs=COSTS, **data),  # type: ignore[arg-type]
+                         MetricsConfig())
+    assert any(c.cac_blended for c in with_costs.customers.values())
