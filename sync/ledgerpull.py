@@ -52,8 +52,9 @@ class LedgerPull:
     """Pulls one pipeline's ledger facts into ``store``."""
 
     def __init__(self, name: str, ledger: Ledger, store: StateStore, *,
-                 now: Callable[[], dt.datetime] | None = None) -> None:
+                 now: Callable[[], dt.datetime] | None = None, overlap: dt.timedelta = OVERLAP) -> None:
         self.name = name
+        self.overlap = overlap
         self.ledger = ledger
         self.store = store
         self.facts = FactStore(store)
@@ -83,7 +84,7 @@ class LedgerPull:
     def _stream(self, stream: str, source: Callable[[dt.datetime | None], Iterator[T]],
                 save: Callable[[list[T], tuple[str, Cursor] | None], None]) -> int:
         cursor = self.store.get_cursor(self.name, stream)
-        since = cursor.value - OVERLAP if cursor is not None else None
+        since = cursor.value - self.overlap if cursor is not None else None
         pulled_at = self._now()
         newest: dt.datetime | None = cursor.value if cursor is not None else None
         chunk: list[T] = []
