@@ -1,13 +1,17 @@
-"""``ledgerbridge demo``: a complete sync between a simulated CRM and a simulated ledger.
+"""``ledgerbridge demo``: a complete sync between a simulated CRM and a simulated ledger, then the metrics.
 
 The ledger is Xero by default, or QuickBooks Online or Pennylane (``--ledger``, from HubSpot).
 
 The CRM is HubSpot by default, or Salesforce or Pipedrive (``--crm``). Both sandboxes run in this process
 on 127.0.0.1; the CRM is seeded with a generated French SME (a few hundred companies, deals across
-stages, VAT at 20, 10, 5.5 and 2.1 %, mostly EUR and some USD), the same book whichever CRM. Their data and
-the state database are kept in ``--dir`` (default ``.ledgerbridge/``), so a second run sees the invoices
-the first one created and creates nothing. The sandboxes run on the real clock with the vendors'
-documented rate limits.
+stages, VAT at 20, 10, 5.5 and 2.1 %, mostly EUR and some USD), the same book whichever CRM, and the
+ledger with three years of that book's invoices, payments (some late, some never), credit notes and
+expenses, with some customers gone. The demo syncs the won deals, lets customers pay the new invoices as
+they usually do up to today, then runs the metrics: the CRM's companies get CLV, CAC, DSO, balance due and
+revenue at risk, its deals their invoice status, and the summary shows the top customers by CLV and by
+revenue at risk. Data and state are kept in ``--dir`` (default ``.ledgerbridge/``), so a second run
+creates nothing and writes nothing. The sandboxes run on the real clock with the vendors' documented rate
+limits.
 """
 
 from __future__ import annotations
