@@ -341,9 +341,17 @@ def daemon(
         "--reload-interval", help="Seconds between checks of the config file for changes (SIGHUP reloads at once)"
     )] = 5.0,
     workers: Annotated[int, typer.Option(help="Jobs run at the same time by this replica")] = 8,
+    public_url: Annotated[str | None, typer.Option(
+        "--public-url", help="Scheme, host and path prefix the vendors call for /webhooks/ when a proxy stands "
+        "in front of the daemon (e.g. https://hooks.example.com); HubSpot signs the full URL")] = None,
 ) -> None:
-    """Run every enabled pipeline's jobs (sync, ledger, metrics) on their schedules until SIGTERM or SIGINT."""
-    from sync.daemon import DaemonOptions, run_daemon
+    """Run every enabled pipeline's jobs (sync, ledger, metrics) on their schedules until SIGTERM or SIGINT.
+
+    Webhooks (HubSpot, Pipedrive, Xero) are received on /webhooks/<pipeline>/<vendor> of the operations
+    endpoint for the pipelines whose webhook secret is configured; each verified event runs the job soon.
+    """
+    from sync.daemon import Daemon, DaemonOptions, run_daemon
+    from sync.webhooks import WebhookReceiver
 
     loaded = _load(config)
     try:
@@ -351,8 +359,15 @@ def daemon(
                                 reload_interval_s=reload_interval, workers=workers)
     except ConfigError as exc:
         raise _fail_input(str(exc)) from None
+
+    def receiver(d: Daemon) -> WebhookReceiver:
+        def trigger(pipeline: str, job: str) -> None:
+            d.trigger(pipeline, job)
+
+        return WebhookReceiver(d.config, d.rt.store, trigger, public_url=public_url)
+
     try:
-        code = run_daemon(loaded, options)
+        code = run_daemon(loaded, options, webhooks=receiver)
     except ConfigError as exc:
         err.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(1) from None

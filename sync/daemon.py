@@ -14,15 +14,18 @@ Replicas
     the lease time (``--lease-seconds``). Every replica tries every job on its schedule; the one that
     takes the lease runs it, the others skip (logged at debug). A scheduled run is also skipped when
     another replica started the job less than 90 % of its period ago, so N replicas run a job about once
-    per period between them, not N times. Runs at start and triggered runs skip that check.
+    per period between them, not N times. Runs at start and triggered runs skip that check. The metrics
+    job pulls the ledger first, so it also holds the ledger job's lease. Leases live in the database; the
+    correctness of ledger writes does not rest on them (idempotency keys and committed intents do).
     SQLite means exactly one daemon: a second one on the same database file refuses to start (exit 1).
 
 Operations endpoint
     ``/healthz`` (alive: always 200), ``/readyz`` (200 when the state store answers within
     :data:`READY_CHECK_TIMEOUT_S`, the scheduler runs and the config file on disk is valid; 503 with the
     reasons otherwise), ``/metrics`` (Prometheus text format, see :mod:`sync.observability`) and, when a
-    webhook handler is given, ``/webhooks/...``. No request line is logged. The URL is printed on the first
-    line of standard output as ``ops http://HOST:PORT`` (so that ``--port 0``, any free port, can be used).
+    webhook handler is given (the CLI gives :class:`sync.webhooks.WebhookReceiver`, rebuilt on each config
+    reload), ``/webhooks/...``. No request line is logged. The URL is printed on the first line of standard
+    output as ``ops http://HOST:PORT`` (so that ``--port 0``, any free port, can be used).
 
 Signals and reloads
     SIGTERM or SIGINT: no new run starts, runs in flight finish, then the daemon exits 0. Runs still going
@@ -339,11 +342,13 @@ class Readiness:
 
 
 class WebhookHandler(Protocol):
-    """Receives the requests under ``/webhooks/``.
+    """Receives the requests under ``/webhooks/`` (:class:`sync.webhooks.WebhookReceiver` is one).
 
     ``path`` is the request target as sent (query string included, as signatures cover it), ``headers`` a
     case-insensitive mapping, ``body`` the raw bytes, ``now`` the receipt time (Unix seconds). Returns the
-    status and the body of the answer.
+    status and the body of the answer (a non-empty body is sent as JSON). A handler with a ``max_body``
+    attribute gets 413 answered for it above that size (else above 1 MiB); one with ``close()`` is closed
+    when it is replaced (config reload) and at shutdown.
     """
 
     def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
@@ -411,7 +416,7 @@ class _OpsHandler(BaseHTTPRequestHandler):
         except ValueError:
             self._reply(400, "bad Content-Length\n")
             return
-        if length < 0 or length > _MAX_WEBHOOK_BODY:
+        if length < 0 or length > int(getattr(handler, "max_body", _MAX_WEBHOOK_BODY)):
             self.close_connection = True
             self._reply(413, "payload too large\n")
             return
@@ -422,8 +427,7 @@ class _OpsHandler(BaseHTTPRequestHandler):
         except Exception:  # the handler's failure is a 500 for the sender, never a dead server
             log.exception("webhook handler failed", path=self.path.split("?", 1)[0])
             status, answer = 500, b"internal error\n"
-        self._reply(status, answer, content_type="application/json" if answer[:1] in (b"{", b"[") else
-                    "text/plain; charset=utf-8")
+        self._reply(status, answer, content_type="application/json" if answer else "text/plain; charset=utf-8")
 
     def do_GET(self) -> None:
         self._route(head=False)
@@ -568,6 +572,8 @@ class Daemon:
         self._stop_event = threading.Event()
         self._config_problem: str | None = None
         self._config_stamp = _stamp(config.path)
+        #: Called after a config reload was applied (the webhook handler is rebuilt on the new config).
+        self.on_reload: list[Callable[[], None]] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -613,8 +619,13 @@ class Daemon:
                                next_run_time=dt.datetime.now(dt.UTC), replace_existing=True)
 
     def _wake(self, job_id: str, delay_s: float = 0.0) -> None:
+        """Run the job ``delay_s`` from now, unless its next run is due sooner anyway."""
+        when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay_s)
+        scheduled = self.scheduler.get_job(job_id)
+        if scheduled is None or (scheduled.next_run_time is not None and scheduled.next_run_time <= when):
+            return
         with suppress(JobLookupError):
-            self.scheduler.modify_job(job_id, next_run_time=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay_s))
+            self.scheduler.modify_job(job_id, next_run_time=when)
 
     def trigger(self, pipeline: str, job: str = "sync") -> bool:
         """Run ``job`` of ``pipeline`` soon (now, or right after the run in flight here); False if unknown.
@@ -644,26 +655,29 @@ class Daemon:
     def _job(self, pipeline: str, job: Job) -> None:
         job_id = f"{pipeline}:{job}"
         with self._lock:
-            if self._stopping:
-                return
-            if job_id in self._running:
+            if self._stopping or job_id in self._running:
                 return
             self._running.add(job_id)
-            no_gap = job_id in self._no_gap
-            triggered = job_id in self._triggered
-            self._no_gap.discard(job_id)
-            self._triggered.discard(job_id)
-            trigger = self._triggers.get(job_id)
         try:
-            self._attempt(pipeline, job, job_id, no_gap=no_gap, triggered=triggered, trigger=trigger)
+            while True:
+                with self._lock:
+                    no_gap = job_id in self._no_gap
+                    triggered = job_id in self._triggered
+                    self._no_gap.discard(job_id)
+                    self._triggered.discard(job_id)
+                    trigger = self._triggers.get(job_id)
+                self._attempt(pipeline, job, job_id, no_gap=no_gap, triggered=triggered, trigger=trigger)
+                with self._lock:
+                    # Triggered while it ran: run once more now, in this thread (the scheduler would count
+                    # this run as still going and skip a run due now).
+                    again = job_id in self._again and not self._stopping
+                    self._again.discard(job_id)
+                if not again:
+                    return
         finally:
             with self._lock:
                 self._running.discard(job_id)
                 self._idle.notify_all()
-                again = job_id in self._again and not self._stopping
-                self._again.discard(job_id)
-            if again:
-                self._wake(job_id)
 
     def _attempt(self, pipeline: str, job: Job, job_id: str, *, no_gap: bool, triggered: bool,
                  trigger: BaseTrigger | None) -> None:
@@ -711,11 +725,14 @@ class Daemon:
 
     def _run(self, pipeline: str, job: Job, token: int, started: float) -> JobOutcome | None:
         outcome: JobOutcome | None = None
-        with structlog.contextvars.bound_contextvars(pipeline=pipeline, job=job, lease_token=token), \
+        with structlog.contextvars.bound_contextvars(pipeline=pipeline, job=job, lease_fence=token), \
                 watching_connectors() as watch:
             self.metrics.job_started(watch)
             try:
                 outcome = self.rt.run_job(pipeline, job)
+            except SQLAlchemyError as exc:  # the state store went away mid-run; the next run picks up
+                log.warning("job stopped: the state store is unreachable", pipeline=pipeline, job=job,
+                            error=f"{type(exc).__name__}: {redact(str(exc), limit=200)}")
             except Exception:  # a crashed job must not kill the scheduler; it is logged with its traceback
                 log.exception("job crashed", pipeline=pipeline, job=job)
             finally:
@@ -835,6 +852,11 @@ class Daemon:
         self.metrics.forget_pipelines(new.app.pipelines)
         log.info("config reloaded", reason=why, pipelines=sorted(n for n, p in new.app.pipelines.items() if p.enabled),
                  changed=changed)
+        for hook in self.on_reload:
+            try:
+                hook()
+            except Exception:  # a hook must not undo the reload; it is logged with its traceback
+                log.exception("config reload hook failed")
         return True
 
     @staticmethod
@@ -905,6 +927,13 @@ class _Signals:
         return False
 
 
+def _close(handler: object) -> None:
+    close = getattr(handler, "close", None)
+    if callable(close):
+        with suppress(Exception):
+            close()
+
+
 def _flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         with suppress(Exception):
@@ -958,7 +987,23 @@ def _serve(config: LoadedConfig, options: DaemonOptions, replica: str, ops: OpsS
         logging.getLogger("apscheduler").setLevel(max(logging.getLogger().level, logging.ERROR))
         daemon = Daemon(config, rt, Leases(lease_store, replica, options.lease_s), metrics, options)
         if webhooks is not None:
-            ops.set_webhooks(webhooks(daemon))
+            factory = webhooks
+            installed: list[WebhookHandler] = []
+
+            def install() -> None:
+                handler = factory(daemon)
+                ops.set_webhooks(handler)
+                for old in installed:
+                    _close(old)
+                installed[:] = [handler]
+
+            def close_installed() -> None:
+                for handler in installed:
+                    _close(handler)
+
+            install()
+            daemon.on_reload.append(install)
+            stack.callback(close_installed)
         if signals.received is None:  # a signal during startup: stop before the first run
             daemon.start()
             readiness.attach(rt.store, lambda: bool(daemon.scheduler.running), daemon.config_problem)

@@ -250,4 +250,4 @@ class HeldLease:
     def _lose(self, why: str) -> None:
         self.lost.set()
         log.error("lease lost while its job runs: another replica may run the job too (idempotency keys keep "
-                  "ledger writes single)", lease=self.lease.name, token=self.lease.token, reason=why)
+                  "ledger writes single)", lease=self.lease.name, fence=self.lease.token, reason=why)

@@ -111,7 +111,10 @@ class Runtime:
             return JobOutcome(name, job, pulled.status, pulled.exit_code, pulled.counts, pulled.api_calls,
                               pulled.error)
         if job == "metrics":
-            report = self.metrics(name)
+            try:
+                report = self.metrics(name)
+            except ConfigError as exc:  # a bad spend CSV, a missing exchange rate: the job fails, loudly
+                return JobOutcome(name, job, "failed", 2, {}, {}, str(exc))
             counts = {"values_written": report.customers.values_written + report.deals.values_written,
                       "customers": len(report.result.customers) if report.result else 0}
             return JobOutcome(name, job, report.status, report.exit_code, counts, report.api_calls, report.error)

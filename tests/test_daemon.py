@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from config.loader import load_config
 from config.schema import Schedule
 from connectors.errors import ConfigError
-from connectors.hubspot.sandbox import HubSpotSandbox
+from connectors.hubspot.sandbox import CUSTOM_PIPELINE_ID, HubSpotSandbox
 from connectors.sandboxkit import FaultPlan, SandboxServer, serve
 from connectors.seedbook import generate_book
 from connectors.xero.sandbox import XeroSandbox
@@ -32,7 +32,7 @@ from sync.leases import Leases
 from sync.observability import DaemonMetrics
 from sync.runtime import open_runtime
 from sync.state import RunRow, StateStore
-from tests.harness import REPO, cli, run_cli, wait_until, write_config
+from tests.harness import REPO, cli, hubspot_block, run_cli, wait_until, write_config
 
 SCHEDULE = "    schedule:\n      interval_minutes: 1\n"
 NO_METRICS = "    metrics:\n      enabled: false\n"
@@ -646,7 +646,7 @@ def test_a_revoked_connection_pauses_its_pipeline_until_a_new_refresh_token_is_c
 def test_a_trigger_during_a_run_runs_the_job_again_right_after_it(vendors: Vendors, tmp_path: Path) -> None:
     """A change noticed while the job runs is not lost: the job runs once more when the run in flight ends."""
     cfg = _config(tmp_path, vendors)
-    vendors.hubspot.faults = FaultPlan("latency=1:0.5")
+    vendors.hubspot.faults = FaultPlan("latency=1:0.25")
     with _in_process(cfg) as (daemon, _metrics, store):
         assert wait_until(lambda: "main:sync" in daemon.running_jobs(), timeout=10)
         assert daemon.trigger("main", "sync")
@@ -654,3 +654,47 @@ def test_a_trigger_during_a_run_runs_the_job_again_right_after_it(vendors: Vendo
         assert wait_until(lambda: len([r for r in _sync_runs(store) if r.status == "ok"]) == 2, timeout=30)
         time.sleep(1.0)
         assert len(_sync_runs(store)) == 2
+
+
+HS_SECRET = "daemon-test-hubspot-client-secret"
+
+
+@pytest.mark.timeout(60)
+def test_signed_hubspot_webhooks_reach_the_daemon_and_run_the_sync_at_once(
+    vendors: Vendors, tmp_path: Path, start_daemon: StartDaemon
+) -> None:
+    """/webhooks/main/hubspot of the daemon: a won deal is invoiced seconds after its webhook, not at the next
+    scheduled run (a minute later); a forged webhook is refused."""
+    cfg = write_config(tmp_path / "lb.yaml", xero_url=vendors.xero_url,
+                       refresh_token=vendors.xero.issue_tokens()["refresh_token"],
+                       state_url=f"sqlite:///{tmp_path / 'state.db'}", extra=SCHEDULE + NO_METRICS,
+                       crm_block=hubspot_block(vendors.hubspot_url) + f"      client_secret: {HS_SECRET}\n")
+    daemon = start_daemon(cfg)
+    won = vendors.won_references()
+    assert wait_until(lambda: set(vendors.invoice_references()) == won, timeout=20), daemon.stderr()[-3000:]
+    sender = None
+    try:
+        hook = daemon.ops + "/webhooks/main/hubspot"
+        registered = httpx.post(vendors.hubspot_url + "/_sandbox/webhooks", timeout=10,
+                                json={"url": hook, "client_secret": HS_SECRET})
+        assert registered.status_code == 200, registered.text
+        sender = vendors.hubspot.webhook_sender()
+        deal = next(d for d in vendors.hubspot.deals_snapshot() if d.get("hs_is_closed") != "true")
+        stage = "84213561" if deal.get("pipeline") == CUSTOM_PIPELINE_ID else "closedwon"
+        won_at = time.monotonic()
+        vendors.hubspot.modify_deal(deal["hs_object_id"], dealstage=stage)
+        reference = f"LB-main:{deal['hs_object_id']}"
+        assert wait_until(lambda: reference in vendors.invoice_references(), timeout=20), daemon.stderr()[-3000:]
+        assert time.monotonic() - won_at < 15  # the next scheduled run was a minute away
+
+        forged = b'[{"eventId": 1, "subscriptionType": "deal.propertyChange", "objectId": 1}]'
+        refused = httpx.post(hook, content=forged, timeout=10, headers={
+            "Content-Type": "application/json", "X-HubSpot-Request-Timestamp": str(int(time.time() * 1000)),
+            "X-HubSpot-Signature-v3": "Zm9yZ2Vk"})
+        assert refused.status_code == 401
+    finally:
+        if sender is not None:
+            sender.stop()
+    assert sorted(vendors.invoice_references()) == sorted(vendors.won_references())
+    assert daemon.stop(signal.SIGTERM)[0] == 0
+    _assert_quiet(daemon.stderr())

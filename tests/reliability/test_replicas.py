@@ -31,7 +31,8 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -58,9 +59,9 @@ CONNECTION = f"xero:{DEMO_TENANT_ID}"
 LEASE_S = 3.0
 PIPELINES = 20
 JOB_SCHEDULES = (
-    "    schedule:\n      cron: '*/2 * * * * *'\n"
-    "    ledger_schedule:\n      cron: '*/3 * * * * *'\n"
-    "    metrics:\n      schedule:\n        cron: '*/7 * * * * *'\n"
+    "    schedule:\n      cron: '*/4 * * * * *'\n"
+    "    ledger_schedule:\n      cron: '*/6 * * * * *'\n"
+    "    metrics:\n      schedule:\n        cron: '*/10 * * * * *'\n"
 )
 
 
@@ -123,19 +124,21 @@ class Shop:
 
 
 @pytest.fixture
-def shops() -> Iterator[list[Shop]]:
-    out: list[Shop] = []
-    try:
-        for i in range(PIPELINES):
+def make_shops() -> Iterator[Callable[[int], list[Shop]]]:
+    """Builds N pipelines' sandboxes, served in this process; all are stopped (at once) afterwards."""
+    made: list[Shop] = []
+
+    def make(count: int) -> list[Shop]:
+        for i in range(count):
             hs = HubSpotSandbox(seed=500 + i)
             hs.load_book(generate_book(500 + i, companies=5, deals=10, won_share=0.4))
             xero = XeroSandbox(seed=500 + i, calls_per_minute=1200)
-            out.append(Shop(f"p{i:02d}", hs, xero, [serve(hs), serve(xero)]))
-        yield out
-    finally:
-        for shop in out:
-            for server in shop.servers:
-                server.stop()
+            made.append(Shop(f"p{i:02d}", hs, xero, [serve(hs), serve(xero)]))
+        return made[-count:]
+
+    yield make
+    with ThreadPoolExecutor(16) as pool:  # each stop waits for its server's poll interval
+        list(pool.map(lambda server: server.stop(), [srv for shop in made for srv in shop.servers]))
 
 
 def _write_config(path: Path, shops: list[Shop], state_url: str, key: str) -> Path:
@@ -293,16 +296,16 @@ def _scrape(ops: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(180)
 def test_three_replicas_under_random_sigkill_never_overlap_a_job_and_invoice_each_won_deal_once(
-    pg_schema: str, shops: list[Shop], tmp_path: Path, fleet_factory: list[Fleet]
+    pg_schema: str, make_shops: Callable[[int], list[Shop]], tmp_path: Path, fleet_factory: list[Fleet]
 ) -> None:
     rng = random.Random(20261126)
+    shops = make_shops(PIPELINES)
     cfg = _write_config(tmp_path / "lb.yaml", shops, _state_url(pg_schema), generate_key())
     # Every ledger write takes a little while, so that kills land in the middle of runs.
     for shop in shops:
         shop.xero.faults = FaultPlan("w:latency=1:0.15", seed=1)
     fleet = Fleet(cfg, tmp_path, pg_schema)
     fleet_factory.append(fleet)
-    began = time.monotonic()
     for _ in range(3):
         fleet.start()
 
@@ -312,7 +315,6 @@ def test_three_replicas_under_random_sigkill_never_overlap_a_job_and_invoice_eac
 
     names = {s.name for s in shops}
     assert wait_until(lambda: synced(names, 0), timeout=60, interval=0.5), fleet.logs_text()[-5000:]
-    phases = {"first syncs": time.monotonic() - began}
 
     # Chaos: a replica (running, or still starting) is killed and a new one started every second or two, while
     # deals are being won.
@@ -337,13 +339,11 @@ def test_three_replicas_under_random_sigkill_never_overlap_a_job_and_invoice_eac
         if not synced(names, last_kill + LEASE_S) or any(set(s.references()) != s.won() for s in shops):
             return False
         runs = _runs(pg_schema)
-        killed = {(r.pipeline, r.job, r.started) for r in runs if r.finished is None}
+        killed = {(r.pipeline, r.job, r.started) for r in runs if r.finished is None and r.pid in fleet.kills}
         return all(any(o.pipeline == p and o.job == j and o.started > started for o in runs)
                    for p, j, started in killed)
 
-    assert wait_until(settled, timeout=60, interval=0.5), fleet.logs_text()[-5000:]
-    phases["settled after chaos"] = time.monotonic() - started_chaos - 14
-    print("phases (s):", {k: round(v, 1) for k, v in phases.items()}, "kills:", len(fleet.kills))
+    assert wait_until(settled, timeout=90, interval=1), fleet.logs_text()[-5000:]
 
     scraped = [_scrape(r.ops) for r in fleet.live()]
     codes = fleet.stop_all()
@@ -486,12 +486,13 @@ class TcpProxy:
 
 @pytest.mark.timeout(90)
 def test_readyz_follows_a_postgresql_outage_and_the_daemon_syncs_again_after_it(
-    pg_schema: str, shops: list[Shop], tmp_path: Path, fleet_factory: list[Fleet]
+    pg_schema: str, make_shops: Callable[[int], list[Shop]], tmp_path: Path, fleet_factory: list[Fleet]
 ) -> None:
+    shops = make_shops(2)
     proxy = TcpProxy(("127.0.0.1", 5432))
     proxy.open()
     try:
-        cfg = _write_config(tmp_path / "lb.yaml", shops[:2], _state_url(pg_schema, proxy.port) + "&connect_timeout=2",
+        cfg = _write_config(tmp_path / "lb.yaml", shops, _state_url(pg_schema, proxy.port) + "&connect_timeout=2",
                             generate_key())
         fleet = Fleet(cfg, tmp_path, pg_schema)
         fleet_factory.append(fleet)
@@ -522,7 +523,8 @@ def test_readyz_follows_a_postgresql_outage_and_the_daemon_syncs_again_after_it(
         shops[0].win(shops[0].open_deals()[0])
         assert wait_until(lambda: set(shops[0].references()) == shops[0].won(), timeout=30), \
             daemon.log.read_text()[-3000:]
-        assert any(r.job == "sync" and r.status == "ok" and r.started > restored for r in _runs(pg_schema))
+        assert wait_until(lambda: any(r.job == "sync" and r.status == "ok" and r.started > restored
+                                      for r in _runs(pg_schema)), timeout=20)
         assert fleet.stop_all() == [0]
     finally:
         proxy.cut()
@@ -581,16 +583,16 @@ print(json.dumps({"users": results, "exchanges": sum(a.refreshes for a in auths)
 
 @pytest.mark.timeout(90)
 def test_fifty_token_users_in_three_processes_cause_one_refresh_per_expiry(pg_schema: str) -> None:
-    """Access tokens live 4 s and are refreshed 1 s before they expire; over 11 s, 50 users in 3 processes (3
+    """Access tokens live 3 s and are refreshed 1 s before they expire; over 8 s, 50 users in 3 processes (3
     connector instances each) make exactly one token-endpoint call per expiry and are never refused. No token
     appears in clear in the database or in the (debug-level) logs."""
-    xero = XeroSandbox(seed=9, access_token_ttl_s=4.0, calls_per_minute=100_000, concurrency=100)
+    xero = XeroSandbox(seed=9, access_token_ttl_s=3.0, calls_per_minute=100_000, concurrency=100)
     server = serve(xero)
     url = _state_url(pg_schema)
     key = generate_key()
     StateStore.open(url, secret_key=key).close()  # migrated once, before the workers start
     initial = xero.issue_tokens()["refresh_token"]
-    duration = 11.0
+    duration = 8.0
     procs = [
         subprocess.Popen([sys.executable, "-c", _TOKEN_WORKER, url, key, server.url, DEMO_CLIENT_ID,
                           DEMO_CLIENT_SECRET, CONNECTION, initial, str(users)],
@@ -624,9 +626,9 @@ def test_fifty_token_users_in_three_processes_cause_one_refresh_per_expiry(pg_sc
     calls, rejected = stats["refresh_calls"], stats["refresh_rejected"]
     assert rejected == 0  # nobody presented a rotated-away refresh token
     assert calls == sum(r["exchanges"] for r in reports)
-    # One refresh per expiry: tokens are good for 4 s and renewed in their last second, so at most one call
-    # every 3 s (plus the first one), and at least one per expiry crossed.
-    assert 3 <= calls <= int(duration // 3) + 2, calls
+    # One refresh per expiry: tokens are good for 3 s and renewed in their last second, so at most one call
+    # every 2 s (plus the first one), and at least one per expiry crossed.
+    assert 3 <= calls <= int(duration // 2) + 2, calls
     store = StateStore(url, secret_key=key)
     try:
         assert store.token_generation(CONNECTION) == calls  # each call's token was saved, in order
