@@ -179,6 +179,12 @@ class XeroClient:
                 log.warning("xero daily call allowance used up", tenant=self.settings.tenant_id)
             if minute is not None and int(minute) <= 0 and resp.status_code != 429:
                 self.budget.pause(self._minute_pause)
+            # Other connectors on this organisation (earlier runs, other jobs, other replicas) count in
+            # Xero's windows and not in this budget's: take Xero's remaining counts as the ceiling.
+            if minute is not None:
+                self.budget.observe(int(minute), 0)
+            if day is not None:
+                self.budget.observe(int(day), 1)
         except ValueError:
             pass
 

@@ -250,13 +250,26 @@ def test_list_invoices_and_payments_since_a_date(sandbox: XeroSandbox, clock: Ma
 
 
 def test_minute_limit_429_is_waited_out(clock: ManualClock) -> None:
-    """A 429 minute answer pauses for Retry-After and the call then succeeds."""
+    """A 429 minute answer (another client used the window) pauses for Retry-After, then the call succeeds."""
     sandbox = XeroSandbox(clock=clock, calls_per_minute=3)
     ledger = make_ledger(sandbox, clock, calls_per_minute=1000)
-    for _ in range(5):
-        assert ledger.find_customers_by_number(["nobody"]) == {}
+    assert ledger.find_customers_by_number(["nobody"]) == {}  # Xero now says 2 calls are left
+    other = make_ledger(sandbox, clock, calls_per_minute=1000)
+    for _ in range(2):  # another client takes them, unknown to this one
+        assert other.find_customers_by_number(["nobody"]) == {}
+    assert ledger.find_customers_by_number(["nobody"]) == {}
     assert sandbox.rate_limited.get("minute", 0) >= 1
     assert ledger.stats.rate_limited >= 1
+
+
+def test_the_budget_follows_xeros_remaining_count(clock: ManualClock) -> None:
+    """Told by X-MinLimit-Remaining how much of the minute is left, the client waits instead of meeting a 429."""
+    sandbox = XeroSandbox(clock=clock, calls_per_minute=3)
+    ledger = make_ledger(sandbox, clock, calls_per_minute=1000)
+    for _ in range(7):
+        assert ledger.find_customers_by_number(["nobody"]) == {}
+    assert sandbox.rate_limited.get("minute", 0) == 0
+    assert ledger.stats.rate_limited == 0
 
 
 def test_daily_limit_stops_the_pipeline_without_retrying(clock: ManualClock) -> None:
