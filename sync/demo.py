@@ -63,6 +63,9 @@ LEDGER_LABELS = {"xero": "Xero", "quickbooks": "QuickBooks Online", "pennylane":
 #: QuickBooks (one request per invoice, 500 a minute) and Pennylane (25 requests per 5 s, a lookup before
 #: each create) would take minutes on the real clock; their demo sandboxes run on a compressed clock.
 LEDGER_TIME_SCALE = {"xero": 1.0, "quickbooks": 10.0, "pennylane": 10.0}
+#: Pipedrive has no batch update: the write-back of finance fields is one request per record under its
+#: token budget, minutes on the real clock, so its demo sandbox runs on a compressed clock too.
+CRM_TIME_SCALE = {"hubspot": 1.0, "salesforce": 1.0, "pipedrive": 10.0}
 #: (CRM, ledger) -> the pipeline of config/examples/demo.yaml that connects them.
 DEMO_PIPELINES = {
     ("hubspot", "xero"): "acme-fr",
@@ -86,7 +89,8 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     snaps = {v: workdir / f"sandbox-{v}-{seed}.bin" for v in (crm, ledger)}
-    crm_sandbox = _sandbox(crm, seed, snaps[crm])
+    crm_scale = CRM_TIME_SCALE[crm]
+    crm_sandbox = _sandbox(crm, seed, snaps[crm], crm_scale)
     time_scale = LEDGER_TIME_SCALE[ledger]
     xero = _sandbox(ledger, seed, snaps[ledger], time_scale)
     hs_server = serve(crm_sandbox)
@@ -97,6 +101,7 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
         LEDGERBRIDGE_DEMO_CRM_URL=hs_server.url,
         LEDGERBRIDGE_DEMO_LEDGER_URL=xero_server.url,
         LEDGERBRIDGE_DEMO_TIME_SCALE=str(time_scale),
+        LEDGERBRIDGE_DEMO_CRM_TIME_SCALE=str(crm_scale),
     )
     try:
         try:
@@ -141,6 +146,7 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
             "ledger_totals": totals["totals"],
             "seconds": round(elapsed, 2),
             "ledger_clock_scale": time_scale,
+            "crm_clock_scale": crm_scale,
             "state_dir": str(workdir),
             "metrics": {n: _metrics_summary(m, names[n]) for n, m in metrics.items()},
         }
@@ -148,7 +154,7 @@ def run_demo(*, seed: int, workdir: Path, fresh: bool, as_json: bool, console: C
             sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         else:
             _print_summary(console, results, totals, elapsed, workdir, CRM_LABELS[crm], LEDGER_LABELS[ledger],
-                           time_scale, metrics, names)
+                           time_scale, metrics, names, crm_scale)
         return code
     finally:
         crm_sandbox.save(snaps[crm])
@@ -183,7 +189,8 @@ def _metrics_summary(report: MetricsReport, names: dict[str, str]) -> dict[str, 
 
 def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, Any], elapsed: float,
                    workdir: Path, crm_label: str, ledger_label: str, time_scale: float,
-                   metrics: dict[str, MetricsReport], names: dict[str, dict[str, str]]) -> None:
+                   metrics: dict[str, MetricsReport], names: dict[str, dict[str, str]],
+                   crm_scale: float = 1.0) -> None:
     for name, res in results.items():
         t = Table(title=f"LedgerBridge demo: pipeline {name} ({res.status})")
         t.add_column("what")
@@ -220,8 +227,12 @@ def _print_summary(console: Console, results: dict[str, Any], totals: dict[str, 
                       "deals); run the demo again and it writes none.")
         if report.error:
             console.print(f"[red]{name}: metrics: {report.error}[/red]")
-    clock = "the real clock" if time_scale == 1 else f"a clock compressed x{time_scale:g}"
-    console.print(f"{crm_label} and {ledger_label} were simulated on 127.0.0.1 by LedgerBridge's sandboxes, on "
-                  f"{clock}, with the vendors' documented rate limits.")
+    def clock(scale: float) -> str:
+        return "the real clock" if scale == 1 else f"a clock compressed x{scale:g}"
+
+    where = (f"on {clock(time_scale)}" if crm_scale == time_scale
+             else f"{crm_label} on {clock(crm_scale)} and {ledger_label} on {clock(time_scale)}")
+    console.print(f"{crm_label} and {ledger_label} were simulated on 127.0.0.1 by LedgerBridge's sandboxes, "
+                  f"{where}, with the vendors' documented rate limits.")
     console.print(f"Done in {elapsed:.1f} s. State and simulated vendors are kept in {workdir}; "
                   "run the demo again and it creates nothing.")
