@@ -118,6 +118,8 @@ class RateBudget:
 
         Calls made by other processes or other instances on the same account count there and not here:
         the local count is raised to match, so a new instance does not burst into a window others used.
+        When those calls were made is unknown; they are spread evenly over the window, so that the budget
+        frees them as a sliding window would on average (all at once "now" would hold a whole window back).
         """
         with self._lock:
             now = self._now()
@@ -126,8 +128,10 @@ class RateBudget:
             while hits and hits[0] <= now - seconds:
                 hits.popleft()
             missing = (limit - max(remaining, 0)) - len(hits)
-            for _ in range(max(missing, 0)):
-                hits.append(now)
+            if missing > 0:
+                step = seconds / (missing + 1)
+                unknown = [now - seconds + step * (i + 1) for i in range(missing)]
+                self._hits[window] = deque(sorted([*hits, *unknown]))
 
     def acquire(self) -> None:
         if self._sem is not None:
