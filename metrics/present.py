@@ -50,7 +50,9 @@ def top_tables(report: MetricsReport, names: dict[str, str], limit: int = 5) -> 
     for row in summary_rows(result, "revenue_at_risk", limit):
         cm = row["metrics"]
         risk.add_row(names.get(row["customer_id"], row["customer_id"]), _fmt(cm.revenue_at_risk),
-                     _fmt(cm.churn_probability), _fmt(cm.overdue_amount), "; ".join(cm.risk_signals) or "-")
+                     _fmt(cm.churn_probability), _fmt(cm.overdue_amount),
+                     # the signals' names; their figures are on the CRM field and in --json
+                     ", ".join(s.split(":")[0] for s in cm.risk_signals) or "-")
     return [clv, risk]
 
 

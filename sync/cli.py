@@ -245,10 +245,10 @@ def status(config: ConfigOpt, pipeline: PipelineOpt = None, limit: int = 10, as_
                "flags": {n: [dataclasses.asdict(f) for f in fl.values()] for n, fl in flags.items()}})
         return
     t = Table(title="Recent runs")
-    for col in ("run", "pipeline", "started", "status", "created", "flagged", "error"):
+    for col in ("run", "pipeline", "job", "started", "status", "created", "flagged", "error"):
         t.add_column(col)
     for r in runs:
-        t.add_row(r.id[:8], r.pipeline, r.started_at.isoformat(timespec="seconds"), r.status,
+        t.add_row(r.id[:8], r.pipeline, r.job, r.started_at.isoformat(timespec="seconds"), r.status,
                   str(r.counts.get("created", 0)), str(r.counts.get("flagged", 0)), escape((r.error or "")[:80]))
     out.print(t)
     for name, fl in flags.items():
