@@ -83,6 +83,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from config.loader import LoadedConfig
 from config.schema import ConnectorSettings
+from connectors.errors import ConfigError
 from sync.state import StateError, StateStore
 
 __all__ = [
@@ -549,7 +550,7 @@ class WebhookReceiver:
         try:
             settings = self._settings(pipeline, vendor) if vendor is not None else None
             secrets = vendor.secrets(settings) if vendor is not None and settings is not None else None
-        except Exception:  # a config without this pipeline's blocks: not served
+        except ConfigError:  # a config without this pipeline's blocks: not served
             secrets = None
         if vendor is None or secrets is None:
             return _reply(404, {"error": "not found"})

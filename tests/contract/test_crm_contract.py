@@ -109,17 +109,6 @@ class Crm:
 OpenCrm = Callable[..., Crm]
 
 
-@pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, SandboxServer]]:
-    """One socket per vendor for the module; each test puts its own fresh sandbox behind it."""
-    running: dict[str, SandboxServer] = {}
-    try:
-        yield running
-    finally:
-        for server in running.values():
-            server.stop()
-
-
 @pytest.fixture
 def crm(servers: dict[str, SandboxServer]) -> Iterator[OpenCrm]:
     """Opens a vendor's fresh sandbox (seeded book, optional fault plan or OAuth app) behind its server."""

@@ -218,17 +218,6 @@ class Books:
 OpenBooks = Callable[..., Books]
 
 
-@pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, SandboxServer]]:
-    """One socket per vendor for the module; each test puts its own fresh sandbox behind it."""
-    running: dict[str, SandboxServer] = {}
-    try:
-        yield running
-    finally:
-        for server in running.values():
-            server.stop()
-
-
 @pytest.fixture
 def books(servers: dict[str, SandboxServer]) -> Iterator[OpenBooks]:
     """Opens a vendor's fresh sandbox (optional fault plan, static credential or OAuth app) behind its server."""
