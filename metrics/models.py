@@ -25,12 +25,13 @@ rounding, for callers that want to store or fit a compact summary and map result
 
 from __future__ import annotations
 
+import abc
 import datetime as dt
 import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -362,6 +363,50 @@ def _ln_nbd_common(r: float, alpha: float, rows: _Rows) -> FloatArray:
     return np.asarray(common, dtype=np.float64)
 
 
+Terms = tuple[FloatArray, FloatArray, FloatArray]
+
+
+class _LatentAttrition(abc.ABC):
+    """What BG/NBD, MBG/NBD and Pareto/NBD share: each likelihood is ``exp(common) * (alive + dropped)``,
+    the two terms being a customer still active at T and one who left after the last purchase, so that the
+    log-likelihood is ``common + logaddexp(ln alive, ln dropped)`` and P(alive) is the share of the first."""
+
+    name: ClassVar[str]
+    unit: TimeUnit
+
+    @classmethod
+    @abc.abstractmethod
+    def _terms(cls, p: Sequence[float] | FloatArray, rows: _Rows) -> Terms:
+        """(ln common, ln alive, ln dropped) at the four parameters ``p``."""
+
+    @abc.abstractmethod
+    def _params(self) -> tuple[float, float, float, float]:
+        """The four parameters, in the order ``_terms`` takes them."""
+
+    @classmethod
+    def _fit_params(cls, rows: _Rows, start: FloatArray) -> tuple[FloatArray, float]:
+        def loglik(p: FloatArray) -> float:
+            ln_common, ln_alive, ln_dropped = cls._terms(p, rows)
+            return float(np.dot(rows.w, ln_common + np.logaddexp(ln_alive, ln_dropped)))
+
+        return _maximise(loglik, start, cls.name)
+
+    def loglik_terms(self, rfm: RFM) -> FloatArray:
+        """Per-row log-likelihood (unweighted), times read in the model's unit."""
+        rfm = rfm.in_unit(self.unit)
+        ln_common, ln_alive, ln_dropped = self._terms(self._params(), _Rows(rfm.x, rfm.t_x, rfm.T))
+        return np.asarray(ln_common + np.logaddexp(ln_alive, ln_dropped), dtype=np.float64)
+
+    def loglik_of(self, rfm: RFM) -> float:
+        """Total weighted log-likelihood of ``rfm`` at these parameters."""
+        return float(np.dot(rfm.w, self.loglik_terms(rfm)))
+
+    def p_alive(self, x: npt.ArrayLike, t_x: npt.ArrayLike, T: npt.ArrayLike) -> FloatArray:
+        """P(still alive at T | x, t_x, T) = 1 / (1 + exp(ln dropped - ln alive))."""
+        _, ln_alive, ln_dropped = self._terms(self._params(), _Rows.of(x, t_x, T))
+        return np.asarray(special.expit(ln_alive - ln_dropped), dtype=np.float64)
+
+
 # --------------------------------------------------------------------------------------------------
 # BG/NBD
 # --------------------------------------------------------------------------------------------------
@@ -381,9 +426,13 @@ def _bgnbd_terms(r: float, alpha: float, a: float, b: float, rows: _Rows) -> tup
 
 
 @dataclass(frozen=True)
-class BGNBD:
-    """Fitted BG/NBD model: purchase rate ~ Gamma(r, alpha) per ``unit``; dropout p ~ Beta(a, b)."""
+class BGNBD(_LatentAttrition):
+    """Fitted BG/NBD model: purchase rate ~ Gamma(r, alpha) per ``unit``; dropout p ~ Beta(a, b).
 
+    P(alive) is identically 1 for one-time buyers (x == 0): use MBG/NBD or Pareto/NBD for churn.
+    """
+
+    name: ClassVar[str] = "BG/NBD"
     r: float
     alpha: float
     a: float
@@ -396,29 +445,16 @@ class BGNBD:
     def fit(cls, rfm: RFM) -> BGNBD:
         """Maximum-likelihood fit on ``rfm`` (weighted by ``rfm.weights``)."""
         rows, start = _purchase_rows(rfm, "BG/NBD")
-
-        def loglik(p: FloatArray) -> float:
-            ln_a12, ln_a3, ln_a4 = _bgnbd_terms(p[0], p[1], p[2], p[3], rows)
-            return float(np.dot(rows.w, ln_a12 + np.logaddexp(ln_a3, ln_a4)))
-
-        params, ll = _maximise(loglik, start, "BG/NBD")
+        params, ll = cls._fit_params(rows, start)
         r, alpha, a, b = (float(v) for v in params)
         return cls(r=r, alpha=alpha, a=a, b=b, loglik=ll, n=round(float(np.sum(rows.w))), unit=rfm.unit)
 
-    def loglik_terms(self, rfm: RFM) -> FloatArray:
-        """Per-row log-likelihood (unweighted), times read in the model's unit."""
-        rfm = rfm.in_unit(self.unit)
-        ln_a12, ln_a3, ln_a4 = _bgnbd_terms(self.r, self.alpha, self.a, self.b, _Rows(rfm.x, rfm.t_x, rfm.T))
-        return np.asarray(ln_a12 + np.logaddexp(ln_a3, ln_a4), dtype=np.float64)
+    @classmethod
+    def _terms(cls, p: Sequence[float] | FloatArray, rows: _Rows) -> Terms:
+        return _bgnbd_terms(p[0], p[1], p[2], p[3], rows)
 
-    def loglik_of(self, rfm: RFM) -> float:
-        """Total weighted log-likelihood of ``rfm`` at these parameters."""
-        return float(np.dot(rfm.w, self.loglik_terms(rfm)))
-
-    def p_alive(self, x: npt.ArrayLike, t_x: npt.ArrayLike, T: npt.ArrayLike) -> FloatArray:
-        """P(still alive at T | x, t_x, T) = 1 / (1 + exp(ln A4 - ln A3)); identically 1 for x == 0."""
-        _, ln_a3, ln_a4 = _bgnbd_terms(self.r, self.alpha, self.a, self.b, _Rows.of(x, t_x, T))
-        return np.asarray(special.expit(ln_a3 - ln_a4), dtype=np.float64)
+    def _params(self) -> tuple[float, float, float, float]:
+        return (self.r, self.alpha, self.a, self.b)
 
     def expected_purchases(
         self, t: npt.ArrayLike, x: npt.ArrayLike, t_x: npt.ArrayLike, T: npt.ArrayLike
@@ -464,9 +500,10 @@ def _mbgnbd_terms(r: float, alpha: float, a: float, b: float, rows: _Rows) -> tu
 
 
 @dataclass(frozen=True)
-class MBGNBD:
+class MBGNBD(_LatentAttrition):
     """Fitted MBG/NBD model (Batislam et al. 2007): BG/NBD with dropout also possible after the first purchase."""
 
+    name: ClassVar[str] = "MBG/NBD"
     r: float
     alpha: float
     a: float
@@ -479,29 +516,16 @@ class MBGNBD:
     def fit(cls, rfm: RFM) -> MBGNBD:
         """Maximum-likelihood fit on ``rfm`` (weighted by ``rfm.weights``)."""
         rows, start = _purchase_rows(rfm, "MBG/NBD")
-
-        def loglik(p: FloatArray) -> float:
-            ln_common, ln_alive, ln_dropped = _mbgnbd_terms(p[0], p[1], p[2], p[3], rows)
-            return float(np.dot(rows.w, ln_common + np.logaddexp(ln_alive, ln_dropped)))
-
-        params, ll = _maximise(loglik, start, "MBG/NBD")
+        params, ll = cls._fit_params(rows, start)
         r, alpha, a, b = (float(v) for v in params)
         return cls(r=r, alpha=alpha, a=a, b=b, loglik=ll, n=round(float(np.sum(rows.w))), unit=rfm.unit)
 
-    def loglik_terms(self, rfm: RFM) -> FloatArray:
-        """Per-row log-likelihood (unweighted), times read in the model's unit."""
-        rfm = rfm.in_unit(self.unit)
-        terms = _mbgnbd_terms(self.r, self.alpha, self.a, self.b, _Rows(rfm.x, rfm.t_x, rfm.T))
-        return np.asarray(terms[0] + np.logaddexp(terms[1], terms[2]), dtype=np.float64)
+    @classmethod
+    def _terms(cls, p: Sequence[float] | FloatArray, rows: _Rows) -> Terms:
+        return _mbgnbd_terms(p[0], p[1], p[2], p[3], rows)
 
-    def loglik_of(self, rfm: RFM) -> float:
-        """Total weighted log-likelihood of ``rfm`` at these parameters."""
-        return float(np.dot(rfm.w, self.loglik_terms(rfm)))
-
-    def p_alive(self, x: npt.ArrayLike, t_x: npt.ArrayLike, T: npt.ArrayLike) -> FloatArray:
-        """P(still alive at T | x, t_x, T); below 1 also for one-time buyers."""
-        _, ln_alive, ln_dropped = _mbgnbd_terms(self.r, self.alpha, self.a, self.b, _Rows.of(x, t_x, T))
-        return np.asarray(special.expit(ln_alive - ln_dropped), dtype=np.float64)
+    def _params(self) -> tuple[float, float, float, float]:
+        return (self.r, self.alpha, self.a, self.b)
 
     def expected_purchases(
         self, t: npt.ArrayLike, x: npt.ArrayLike, t_x: npt.ArrayLike, T: npt.ArrayLike
@@ -574,9 +598,10 @@ def _paretonbd_terms(
 
 
 @dataclass(frozen=True)
-class ParetoNBD:
+class ParetoNBD(_LatentAttrition):
     """Fitted Pareto/NBD model: purchase rate ~ Gamma(r, alpha), dropout rate ~ Gamma(s, beta), per ``unit``."""
 
+    name: ClassVar[str] = "Pareto/NBD"
     r: float
     alpha: float
     s: float
@@ -590,29 +615,16 @@ class ParetoNBD:
         """Maximum-likelihood fit on ``rfm`` (weighted by ``rfm.weights``)."""
         rows, start = _purchase_rows(rfm, "Pareto/NBD")
         start[3] = start[1]
-
-        def loglik(p: FloatArray) -> float:
-            ln_common, ln_alive, ln_died = _paretonbd_terms(p[0], p[1], p[2], p[3], rows)
-            return float(np.dot(rows.w, ln_common + np.logaddexp(ln_alive, ln_died)))
-
-        params, ll = _maximise(loglik, start, "Pareto/NBD")
+        params, ll = cls._fit_params(rows, start)
         r, alpha, s, beta = (float(v) for v in params)
         return cls(r=r, alpha=alpha, s=s, beta=beta, loglik=ll, n=round(float(np.sum(rows.w))), unit=rfm.unit)
 
-    def loglik_terms(self, rfm: RFM) -> FloatArray:
-        """Per-row log-likelihood (unweighted), times read in the model's unit."""
-        rfm = rfm.in_unit(self.unit)
-        terms = _paretonbd_terms(self.r, self.alpha, self.s, self.beta, _Rows(rfm.x, rfm.t_x, rfm.T))
-        return np.asarray(terms[0] + np.logaddexp(terms[1], terms[2]), dtype=np.float64)
+    @classmethod
+    def _terms(cls, p: Sequence[float] | FloatArray, rows: _Rows) -> Terms:
+        return _paretonbd_terms(p[0], p[1], p[2], p[3], rows)
 
-    def loglik_of(self, rfm: RFM) -> float:
-        """Total weighted log-likelihood of ``rfm`` at these parameters."""
-        return float(np.dot(rfm.w, self.loglik_terms(rfm)))
-
-    def p_alive(self, x: npt.ArrayLike, t_x: npt.ArrayLike, T: npt.ArrayLike) -> FloatArray:
-        """P(still alive at T | x, t_x, T)."""
-        _, ln_alive, ln_died = _paretonbd_terms(self.r, self.alpha, self.s, self.beta, _Rows.of(x, t_x, T))
-        return np.asarray(special.expit(ln_alive - ln_died), dtype=np.float64)
+    def _params(self) -> tuple[float, float, float, float]:
+        return (self.r, self.alpha, self.s, self.beta)
 
     def expected_purchases(
         self, t: npt.ArrayLike, x: npt.ArrayLike, t_x: npt.ArrayLike, T: npt.ArrayLike
