@@ -214,10 +214,7 @@ class DaemonMetrics:
         with self._lock:
             self._live.pop(id(watch), None)
         self.duration.labels(job).observe(seconds)
-        if outcome is None:
-            self.crashes.labels(pipeline, job).inc()
-        else:
-            self.runs.labels(pipeline, job, outcome.status).inc()
+        if outcome is not None:
             created = int(outcome.counts.get("created", 0)) if job == "sync" else 0
             if created:
                 self.invoices.labels(pipeline).inc(created)
@@ -235,6 +232,11 @@ class DaemonMetrics:
             if budgets:
                 with self._lock:
                     self._budgets[_vendor(connector)] = min(b.remaining() for b in budgets)
+        # Counted last, so a scrape that sees the run also sees what the run did.
+        if outcome is None:
+            self.crashes.labels(pipeline, job).inc()
+        else:
+            self.runs.labels(pipeline, job, outcome.status).inc()
 
     def cursor_seen(self, pipeline: str, value: dt.datetime | None) -> None:
         """The deal sync's cursor (modification time of the last CRM change handled), for the lag gauge."""

@@ -15,6 +15,7 @@ from typing import IO
 
 import httpx
 import pytest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
@@ -164,10 +165,18 @@ def test_daemon_invoices_won_deals_serves_probes_refuses_a_second_daemon_and_sto
     finally:
         store.close()
     assert cursor is not None
-    families = {f.name: f for f in text_string_to_metric_families(_get(daemon.ops + "/metrics").text)}
-    runs = {(s.labels["job"], s.labels["status"]): s.value for s in families["ledgerbridge_job_runs"].samples
-            if s.name.endswith("_total")}
-    assert runs == {("sync", "ok"): 1, ("ledger", "ok"): 1, ("metrics", "ok"): 1}
+
+    def scrape() -> dict[str, Metric]:
+        return {f.name: f for f in text_string_to_metric_families(_get(daemon.ops + "/metrics").text)}
+
+    def job_runs(families: dict[str, Metric]) -> dict[tuple[str, str], float]:
+        return {(s.labels["job"], s.labels["status"]): s.value for s in families["ledgerbridge_job_runs"].samples
+                if s.name.endswith("_total")}
+
+    # A run's row is committed before the daemon counts the run, so the counter may trail the table briefly.
+    expected = {("sync", "ok"): 1, ("ledger", "ok"): 1, ("metrics", "ok"): 1}
+    assert wait_until(lambda: job_runs(scrape()) == expected, timeout=10), job_runs(scrape())
+    families = scrape()
     created = [s.value for s in families["ledgerbridge_invoices_created"].samples if s.name.endswith("_total")]
     assert created == [len(won)]
     calls = {s.labels["vendor"]: s.value for s in families["ledgerbridge_api_calls"].samples
