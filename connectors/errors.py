@@ -7,6 +7,7 @@ Errors are grouped by what the caller must do, not by vendor:
 - :class:`AmbiguousWriteError` - a write whose outcome is unknown; resolve by lookup, never by a blind
   retry that could create.
 - :class:`AuthError` - credentials or scopes are wrong or revoked; alert, do not retry.
+  :class:`ReauthorizationRequired`, its subclass, says the connection itself must be authorised again.
 - :class:`QuotaExhaustedError` - a daily allocation is used up; stop the pipeline.
 - :class:`RecordError` - one record was rejected (validation); the rest of a batch goes on.
 - :class:`VendorError` - any other definitive failure.
@@ -118,6 +119,11 @@ class AmbiguousWriteError(ConnectorError):
 
 class AuthError(ConnectorError):
     """Credentials rejected, expired beyond refresh, or revoked."""
+
+
+class ReauthorizationRequired(AuthError):
+    """The connection's authorisation is gone for good: the vendor refused its refresh token even after the
+    store was read again (or there is none). Retrying cannot help; a person must authorise it again."""
 
 
 class QuotaExhaustedError(ConnectorError):

@@ -40,7 +40,14 @@ import httpx
 import structlog
 from pydantic import SecretStr
 
-from connectors.errors import AuthError, ConnectorError, TransientError, VendorError, redact
+from connectors.errors import (
+    AuthError,
+    ConnectorError,
+    ReauthorizationRequired,
+    TransientError,
+    VendorError,
+    redact,
+)
 from connectors.http import USER_AGENT, parse_retry_after
 from connectors.interfaces import ApiStats, TokenStore
 
@@ -216,7 +223,7 @@ class RotatingOAuth2(httpx.Auth):
 
     def _initial_token(self) -> str:
         if self._initial_refresh is None:
-            raise AuthError(
+            raise ReauthorizationRequired(
                 "no refresh token stored or configured; authorise the connection",
                 vendor=self.vendor,
                 method="POST",
@@ -246,7 +253,7 @@ class RotatingOAuth2(httpx.Auth):
                 pass
         self._cached = None
         log.error("oauth refresh token rejected", connection=self.connection, vendor=self.vendor)
-        raise AuthError(
+        raise ReauthorizationRequired(
             "refresh token rejected; re-authorise the connection",
             vendor=self.vendor,
             status=400,

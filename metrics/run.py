@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import structlog
 
 from config.schema import MetricsConfig
-from connectors.errors import ConfigError, ConnectorError
+from connectors.errors import ConfigError, ConnectorError, ReauthorizationRequired
 from connectors.interfaces import CrmSource, Ledger
 from metrics.compute import MetricsResult, compute
 from metrics.facts import ActivityFact, SpendFact
@@ -53,6 +54,8 @@ class MetricsReport:
     api_calls: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    #: The vendor refused a connection's authorisation for good: a person must authorise it again.
+    needs_authorisation: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -88,9 +91,13 @@ def run_metrics(
     as_of: dt.date | None = None,
     dry_run: bool = False,
     pull: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> MetricsReport:
     """Run the metrics of pipeline ``name``. Vendor problems end in the report (status ``failed``);
-    configuration problems (a bad spend CSV, a missing exchange rate) raise :class:`ConfigError`."""
+    configuration problems (a bad spend CSV, a missing exchange rate) raise :class:`ConfigError`.
+
+    ``stop`` (a shutdown) is asked between the ledger pull's chunks, before the computation, and between
+    write-back chunks; a stopped run ends ``partial`` with what it did recorded."""
     started = time.monotonic()
     day = as_of or dt.datetime.now(dt.UTC).date()
     report = MetricsReport(pipeline=name, as_of=day, dry_run=dry_run)
@@ -99,9 +106,14 @@ def run_metrics(
     facts_store = FactStore(store)
     try:
         if pull:
-            report.pull = LedgerPull(name, ledger, store).run()
+            report.pull = LedgerPull(name, ledger, store, stop=stop).run()
+            report.needs_authorisation = report.pull.needs_authorisation
             if report.pull.status != "ok":
+                if stop is not None and stop():
+                    raise _Stopped("during the ledger pull")
                 raise _Failed(f"ledger pull failed: {report.pull.error}")
+        if stop is not None and stop():
+            raise _Stopped("before the computation")
         home = config.currency or ledger.base_currency()
         report.currency = home
         rates = Rates(home, config.fx_rates, facts_store.ledger_invoices(name))
@@ -116,20 +128,31 @@ def run_metrics(
             facts_store.snapshot_forecast(name, home, {month: current})
         if config.write_back:
             customers = {cid: result.customer_values(cid) for cid in result.customers if not cid.startswith("ledger:")}
+            if stop is not None and stop():
+                raise _Stopped("before the write-back")
             report.customers = write_back(crm, facts_store, name, "customer", CUSTOMER_FIELDS, customers,
-                                          currency=home, fields=config.fields, dry_run=dry_run)
+                                          currency=home, fields=config.fields, dry_run=dry_run, stop=stop)
+            if report.customers.stopped or (stop is not None and stop()):
+                raise _Stopped("during the write-back")
             deals = deal_status_records(store, facts_store, name, day)
             report.deals = write_back(crm, facts_store, name, "deal", DEAL_FIELDS, deals, currency=home,
-                                      fields=config.fields, dry_run=dry_run)
+                                      fields=config.fields, dry_run=dry_run, stop=stop)
+            if report.deals.stopped:
+                raise _Stopped("during the write-back")
             if report.customers.records_failed or report.deals.records_failed:
                 report.status = "partial"
                 report.error = "; ".join((report.customers.errors + report.deals.errors)[:5])
     except ConfigError:
         store.finish_run(run_id, "failed", {}, {}, "configuration error")
         raise
+    except _Stopped as exc:
+        report.status = "partial"
+        report.error = f"stopped for shutdown {exc}; the next run writes what is left"
+        log.info("metrics run stopped for shutdown", pipeline=name, at=str(exc))
     except (ConnectorError, _Failed) as exc:
         report.status = "failed"
         report.error = str(exc)
+        report.needs_authorisation = report.needs_authorisation or isinstance(exc, ReauthorizationRequired)
         log.error("metrics run failed", pipeline=name, error=str(exc))
     report.api_calls = {crm.vendor: crm.stats.calls - crm_before, ledger.vendor: ledger.stats.calls - ledger_before}
     report.seconds = time.monotonic() - started
@@ -144,6 +167,10 @@ def run_metrics(
 
 
 class _Failed(Exception):
+    pass
+
+
+class _Stopped(Exception):
     pass
 
 

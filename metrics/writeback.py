@@ -15,7 +15,7 @@ Field names are neutral (``ledgerbridge_balance_due``); each connector turns the
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
@@ -63,6 +63,10 @@ CUSTOMER_FIELDS: tuple[FieldDef, ...] = (
     FieldDef("risk_signals", "Risk signals", "string", "text"),
     FieldDef("last_invoice_date", "Last invoice date", "date", "date"),
 )
+
+#: Records written between two checks of the stop flag, each chunk recorded once written: 1,000 is a
+#: multiple of every CRM's batch size (HubSpot 100, Salesforce 200, Pipedrive one record a call).
+WRITE_CHUNK = 1000
 
 INVOICE_STATUSES = ("draft", "submitted", "authorised", "paid", "voided", "deleted")
 
@@ -128,6 +132,8 @@ class WriteBackResult:
     records_failed: int = 0
     errors: list[str] = field(default_factory=list)
     write_calls: int = 0
+    #: The write-back ended early for a shutdown; what was written is recorded, the rest goes next run.
+    stopped: bool = False
 
 
 def desired_values(defs: Sequence[FieldDef], records: Mapping[str, Mapping[str, Any]], names: Mapping[str, str],
@@ -164,8 +170,13 @@ def write_back(
     currency: str,
     fields: MetricsFields,
     dry_run: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> WriteBackResult:
-    """Write the changed values of ``records`` ({CRM record id: {metric key: value}}) to the CRM."""
+    """Write the changed values of ``records`` ({CRM record id: {metric key: value}}) to the CRM.
+
+    Records go in chunks of ``WRITE_CHUNK`` (a multiple of every CRM's batch size, so no call is wasted),
+    each chunk's accepted values recorded before the next is sent; ``stop`` is asked between chunks.
+    """
     names = fields.customer if object_type == "customer" else fields.deal
     desired = desired_values(defs, records, names, currency)
     diff = changes(desired, facts.written_values(pipeline, object_type))
@@ -179,17 +190,22 @@ def write_back(
     calls_before = crm.stats.calls
     updates = [FieldUpdate(object_id=rid, values={k: ("" if v is None else v) for k, v in vals.items()})
                for rid, vals in sorted(by_record.items())]
-    outcome = crm.write_fields(object_type, updates)
-    done: dict[tuple[str, str], str | None] = {}
-    for res in outcome:
-        if res.ok:
-            for name, value in by_record[res.object_id].items():
-                done[(res.object_id, name)] = value
-        else:
-            result.records_failed += 1
-            if len(result.errors) < 20:
-                result.errors.append(f"{object_type} {res.object_id}: {res.error}")
-    facts.record_written(pipeline, object_type, done)
-    result.values_written = len(done)
-    result.write_calls = crm.stats.calls - calls_before
+    try:
+        for start in range(0, len(updates), WRITE_CHUNK):
+            if start and stop is not None and stop():
+                result.stopped = True
+                break
+            done: dict[tuple[str, str], str | None] = {}
+            for res in crm.write_fields(object_type, updates[start:start + WRITE_CHUNK]):
+                if res.ok:
+                    for name, value in by_record[res.object_id].items():
+                        done[(res.object_id, name)] = value
+                else:
+                    result.records_failed += 1
+                    if len(result.errors) < 20:
+                        result.errors.append(f"{object_type} {res.object_id}: {res.error}")
+            facts.record_written(pipeline, object_type, done)
+            result.values_written += len(done)
+    finally:
+        result.write_calls = crm.stats.calls - calls_before
     return result

@@ -28,8 +28,10 @@ Operations endpoint
     output as ``ops http://HOST:PORT`` (so that ``--port 0``, any free port, can be used).
 
 Signals and reloads
-    SIGTERM or SIGINT: no new run starts, runs in flight finish, then the daemon exits 0. Runs still going
-    after ``--stop-timeout`` seconds are abandoned (the process exits 0 anyway): the intents committed
+    SIGTERM or SIGINT: no new run starts; a run in flight finishes the part it is on (the page of deals,
+    the chunk of ledger facts or of written values), records it, moves its cursor past it and ends
+    ``partial``; then the daemon exits 0. Runs still going after ``--stop-timeout`` seconds (a single slow
+    vendor call, a metrics computation) are abandoned (the process exits 0 anyway): the intents committed
     before every ledger write make the next run finish their work without duplicating it. A second signal
     stops at once (exit 128 + signal number). SIGHUP, or a change of the config file (polled every
     ``--reload-interval`` seconds), reloads the config: it is validated first; an invalid file is logged
@@ -38,7 +40,8 @@ Signals and reloads
 
 Revoked connections
     A job that ends because the vendor refused the connection's refresh token (``invalid_grant``, after the
-    token store was read again in case another replica had rotated it) pauses the pipeline: an error is
+    token store was read again in case another replica had rotated it; the connector raises
+    :class:`~connectors.errors.ReauthorizationRequired` and the job's outcome says so) pauses the pipeline: an error is
     logged, ``ledgerbridge_pipeline_paused`` goes to 1 and ``ledgerbridge_token_refresh_failures_total``
     counts it. The pipeline's jobs are skipped, not retried, until its config or its stored token changes.
 """
@@ -525,13 +528,6 @@ class _Pause:
     generations: dict[str, int]
 
 
-def _needs_reauthorisation(error: str | None) -> bool:
-    """Whether a job's error says a connection's refresh token is dead (it needs a person, not a retry)."""
-    if not error:
-        return False
-    return "(invalid_grant)" in error or "authorise the connection" in error
-
-
 def _stamp(path: Path | None) -> tuple[int, int, int] | None:
     if path is None:
         return None
@@ -720,7 +716,7 @@ class Daemon:
             return
         if job == "sync":
             self._load_cursors([pipeline])
-        if outcome.status == "failed" and _needs_reauthorisation(outcome.error):
+        if outcome.status == "failed" and outcome.needs_authorisation:
             self._pause(pipeline, outcome.error)
 
     def _run(self, pipeline: str, job: Job, token: int, started: float) -> JobOutcome | None:
@@ -729,7 +725,7 @@ class Daemon:
                 watching_connectors() as watch:
             self.metrics.job_started(watch)
             try:
-                outcome = self.rt.run_job(pipeline, job)
+                outcome = self.rt.run_job(pipeline, job, stop=self._stop_event.is_set)
             except SQLAlchemyError as exc:  # the state store went away mid-run; the next run picks up
                 log.warning("job stopped: the state store is unreachable", pipeline=pipeline, job=job,
                             error=f"{type(exc).__name__}: {redact(str(exc), limit=200)}")

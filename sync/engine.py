@@ -33,7 +33,13 @@ import structlog
 
 from config.schema import Pipeline
 from connectors.domain import Deal, Invoice
-from connectors.errors import AmbiguousWriteError, AuthError, ConnectorError, QuotaExhaustedError
+from connectors.errors import (
+    AmbiguousWriteError,
+    AuthError,
+    ConnectorError,
+    QuotaExhaustedError,
+    ReauthorizationRequired,
+)
 from connectors.interfaces import (
     CrmSource,
     DealPage,
@@ -84,6 +90,8 @@ class RunResult:
     api_calls: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     plans: list[DealPlan] = field(default_factory=list)
+    #: The vendor refused the connection's authorisation for good: a person must authorise it again.
+    needs_authorisation: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -112,8 +120,11 @@ class PipelineRunner:
         *,
         now: Callable[[], dt.datetime] | None = None,
         progress: Progress | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
+        #: Asked after each page: True ends the run there (a shutdown), the cursor standing after that page.
+        self.stop = stop
         self.pipeline = pipeline
         self.crm = crm
         self.ledger = ledger
@@ -147,14 +158,22 @@ class PipelineRunner:
             self._recover(counts)
             if not self.store.has_any_state(self.name):
                 self._rebuild(counts)
-            for page_deals, cursor in self._pages(started):
+            pages_left = self._pages(started)
+            for pages, (page_deals, cursor) in enumerate(pages_left, start=1):
                 self._process_page(page_deals, cursor, counts, result)
+                # On a stop request, the page already being fetched tells whether anything was left.
+                if self.stop is not None and self.stop() and next(pages_left, None) is not None:
+                    result.status = "partial"
+                    result.error = f"stopped for shutdown after {pages} page(s); the next run goes on from there"
+                    log.info("run stopped for shutdown after a page", pages=pages)
+                    break
         except StopRun as exc:
             result.status = "failed"
             result.error = exc.message
         except (QuotaExhaustedError, AuthError) as exc:
             result.status = "failed"
             result.error = str(exc)
+            result.needs_authorisation = isinstance(exc, ReauthorizationRequired)
         except AmbiguousWriteError as exc:
             result.status = "failed"
             result.error = f"unanswered write, will be resolved by lookup on the next run: {exc}"

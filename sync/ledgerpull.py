@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import structlog
 
 from connectors.domain import CreditNote, Invoice, Payment
-from connectors.errors import ConnectorError
+from connectors.errors import ConnectorError, ReauthorizationRequired
 from connectors.interfaces import Cursor, Ledger
 from sync.factstore import FactStore
 from sync.state import StateStore
@@ -42,6 +42,8 @@ class PullResult:
     api_calls: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    #: The vendor refused the connection's authorisation for good: a person must authorise it again.
+    needs_authorisation: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -52,8 +54,12 @@ class LedgerPull:
     """Pulls one pipeline's ledger facts into ``store``."""
 
     def __init__(self, name: str, ledger: Ledger, store: StateStore, *,
-                 now: Callable[[], dt.datetime] | None = None, overlap: dt.timedelta = OVERLAP) -> None:
+                 now: Callable[[], dt.datetime] | None = None, overlap: dt.timedelta = OVERLAP,
+                 stop: Callable[[], bool] | None = None) -> None:
         self.name = name
+        #: Asked after each stored chunk: True ends the pull there (a shutdown); what was read is kept and the
+        #: stream's cursor stays where it was, so the next pull reads the rest again.
+        self.stop = stop
         self.overlap = overlap
         self.ledger = ledger
         self.store = store
@@ -72,9 +78,14 @@ class LedgerPull:
                                                          self._save_credits)
             result.counts["payments"] = self._stream("ledger_payments", self.ledger.list_payments,
                                                      self._save_payments)
+        except _Stopped as exc:
+            result.status = "partial"
+            result.error = f"stopped for shutdown during {exc.stream}; the next pull goes on from its cursor"
+            log.info("ledger pull stopped for shutdown", pipeline=self.name, stream=exc.stream)
         except ConnectorError as exc:
             result.status = "failed"
             result.error = str(exc)
+            result.needs_authorisation = isinstance(exc, ReauthorizationRequired)
             log.error("ledger pull failed", pipeline=self.name, error=str(exc))
         result.api_calls = {self.ledger.vendor: self.ledger.stats.calls - calls_before}
         result.seconds = time.monotonic() - started
@@ -83,6 +94,8 @@ class LedgerPull:
 
     def _stream(self, stream: str, source: Callable[[dt.datetime | None], Iterator[T]],
                 save: Callable[[list[T], tuple[str, Cursor] | None], None]) -> int:
+        if self.stop is not None and self.stop():
+            raise _Stopped(stream)
         cursor = self.store.get_cursor(self.name, stream)
         since = cursor.value - self.overlap if cursor is not None else None
         pulled_at = self._now()
@@ -98,6 +111,8 @@ class LedgerPull:
                 save(chunk, None)
                 count += len(chunk)
                 chunk = []
+                if self.stop is not None and self.stop():
+                    raise _Stopped(stream)
         # The stream is complete: store the rest and move the cursor in one transaction. Without any
         # modification time from the ledger, the pull's own start (less the overlap next time) is used.
         final = newest if newest is not None else pulled_at
@@ -116,3 +131,9 @@ class LedgerPull:
     def _url(self, invoice: Invoice) -> str | None:
         url: Any = self.ledger.invoice_url(invoice)
         return str(url) if url else None
+
+
+class _Stopped(Exception):
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.stream = stream

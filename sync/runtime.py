@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -38,6 +38,9 @@ class JobOutcome:
     counts: Mapping[str, int] = field(default_factory=dict)
     api_calls: Mapping[str, int] = field(default_factory=dict)
     error: str | None = None
+    #: A vendor refused the connection's authorisation for good (not a transient failure): the pipeline
+    #: needs a person to authorise it again before it can run.
+    needs_authorisation: bool = False
 
 
 def effective_pipeline(pipeline: Pipeline, ledger_settings: ConnectorSettings) -> Pipeline:
@@ -84,40 +87,48 @@ class Runtime:
             ledger.close()
 
     @contextmanager
-    def runner(self, name: str) -> Iterator[PipelineRunner]:
+    def runner(self, name: str, *, stop: Callable[[], bool] | None = None) -> Iterator[PipelineRunner]:
         with self.connectors(name) as (pipeline, crm, ledger):
-            yield PipelineRunner(name, pipeline, crm, ledger, self.store)
+            yield PipelineRunner(name, pipeline, crm, ledger, self.store, stop=stop)
 
-    def metrics(self, name: str, *, dry_run: bool = False, as_of: dt.date | None = None) -> MetricsReport:
+    def metrics(self, name: str, *, dry_run: bool = False, as_of: dt.date | None = None,
+                stop: Callable[[], bool] | None = None) -> MetricsReport:
         """Pull the ledger, compute the pipeline's metrics and write the changed values back to the CRM."""
         from metrics.run import run_metrics
 
         with self.connectors(name) as (pipeline, crm, ledger):
             config_dir = self.config.path.parent if self.config.path is not None else None
             return run_metrics(name, pipeline.metrics, crm, ledger, self.store, config_dir=config_dir,
-                               as_of=as_of, dry_run=dry_run)
+                               as_of=as_of, dry_run=dry_run, stop=stop)
 
-    def run_job(self, name: str, job: Job) -> JobOutcome:
-        """Run one job of pipeline ``name``; vendor problems end in the outcome, not raised."""
+    def run_job(self, name: str, job: Job, *, stop: Callable[[], bool] | None = None) -> JobOutcome:
+        """Run one job of pipeline ``name``; vendor problems end in the outcome, not raised.
+
+        ``stop`` is asked at safe points (after a page of deals, a chunk of ledger facts or of written
+        values): once it says True the job records what it did and ends ``partial``, its cursors standing
+        after the last part recorded, so the next run goes on from there.
+        """
         if job == "sync":
-            with self.runner(name) as runner:
+            with self.runner(name, stop=stop) as runner:
                 res = runner.run()
-            return JobOutcome(name, job, res.status, res.exit_code, dict(res.counts), dict(res.api_calls), res.error)
+            return JobOutcome(name, job, res.status, res.exit_code, dict(res.counts), dict(res.api_calls), res.error,
+                              res.needs_authorisation)
         if job == "ledger":
             from sync.ledgerpull import LedgerPull
 
             with self.connectors(name) as (_pipeline, _crm, ledger):
-                pulled = LedgerPull(name, ledger, self.store).run()
+                pulled = LedgerPull(name, ledger, self.store, stop=stop).run()
             return JobOutcome(name, job, pulled.status, pulled.exit_code, pulled.counts, pulled.api_calls,
-                              pulled.error)
+                              pulled.error, pulled.needs_authorisation)
         if job == "metrics":
             try:
-                report = self.metrics(name)
+                report = self.metrics(name, stop=stop)
             except ConfigError as exc:  # a bad spend CSV, a missing exchange rate: the job fails, loudly
                 return JobOutcome(name, job, "failed", 2, {}, {}, str(exc))
             counts = {"values_written": report.customers.values_written + report.deals.values_written,
                       "customers": len(report.result.customers) if report.result else 0}
-            return JobOutcome(name, job, report.status, report.exit_code, counts, report.api_calls, report.error)
+            return JobOutcome(name, job, report.status, report.exit_code, counts, report.api_calls, report.error,
+                              report.needs_authorisation)
         raise ValueError(f"unknown job {job!r}; jobs: {', '.join(JOBS)}")
 
     def close(self) -> None:

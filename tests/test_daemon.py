@@ -272,6 +272,41 @@ def test_sigterm_lets_the_run_in_flight_finish_and_a_second_signal_stops_at_once
         store.close()
 
 
+@pytest.mark.timeout(90)
+def test_sigterm_ends_a_long_run_after_its_page_in_flight_and_the_next_daemon_goes_on_from_there(
+    vendors: Vendors, tmp_path: Path, start_daemon: StartDaemon
+) -> None:
+    """A run with pages still to come stops after the page in flight: exit 0 long before the run would have
+    ended, the run recorded partial with its cursor past that page; a new daemon invoices the rest, once."""
+    cfg = _config(tmp_path, vendors, extra=NO_METRICS + "    page_size: 3\n")
+    won = vendors.won_references()
+    store = StateStore.open(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        vendors.xero.faults = FaultPlan("w:latency=1:1.0")  # every ledger write takes a second
+        first = start_daemon(cfg, "first")
+        assert wait_until(lambda: len(vendors.invoice_references()) > 0, timeout=30), first.stderr()[-3000:]
+        code, took = first.stop(signal.SIGTERM, timeout=30)
+        assert code == 0
+        done = vendors.invoice_references()
+        assert 0 < len(done) < len(won)  # ten pages of three deals: it did not run to the end
+        assert took < 8  # a page (at most three one-second writes and its customers), not the whole run
+        runs = _sync_runs(store)
+        assert [r.status for r in runs] == ["partial"]
+        assert "stopped for shutdown" in (runs[0].error or "")
+        assert store.get_cursor("main", "deals") is not None
+        assert store.open_intents("main", "invoice") == []  # nothing left half-done
+        _assert_quiet(first.stderr())
+
+        vendors.xero.faults = FaultPlan(None)
+        second = start_daemon(cfg, "second")
+        assert wait_until(lambda: set(vendors.invoice_references()) == won, timeout=30), second.stderr()[-3000:]
+        assert sorted(vendors.invoice_references()) == sorted(won)  # one invoice per won deal
+        assert second.stop(signal.SIGTERM)[0] == 0
+        assert _sync_runs(store)[0].status == "ok"
+    finally:
+        store.close()
+
+
 def test_daemon_exits_1_with_a_message_when_its_port_is_taken_or_the_state_store_is_down(
     vendors: Vendors, tmp_path: Path
 ) -> None:

@@ -137,3 +137,29 @@ def test_metrics_written_to_hubspot_then_nothing_then_only_what_a_payment_change
     deal = client.crm.deals.basic_api.get_by_id(open_deal, properties=["ledgerbridge_balance_due",
                                                                        "ledgerbridge_amount_paid"])
     assert Decimal(deal.properties["ledgerbridge_balance_due"]) == due - part
+
+
+def test_a_stop_request_ends_the_metrics_run_at_a_safe_point_and_the_next_run_writes_everything(
+        world: World) -> None:
+    """Asked to stop once the ledger pull is stored, the run ends partial before computing and writes nothing;
+    the next run computes and writes."""
+    from config.loader import load_config
+    from sync.runtime import open_runtime
+
+    run = run_cli("run", "--once", "-c", str(world.config), "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open_runtime(load_config(world.config), configure_logs=False) as rt:
+        def pulled() -> bool:
+            return rt.store.get_cursor("main", "ledger_payments") is not None
+
+        writes_before = _hubspot_writes(world.hubspot)
+        stopped = rt.run_job("main", "metrics", stop=pulled)
+        assert stopped.status == "partial"
+        assert "stopped for shutdown before the computation" in (stopped.error or "")
+        assert stopped.counts["values_written"] == 0
+        assert _hubspot_writes(world.hubspot) == writes_before
+        assert pulled()  # the pull it did is kept
+
+        done = rt.run_job("main", "metrics", stop=lambda: False)
+        assert done.status == "ok", done.error
+        assert done.counts["values_written"] > 0

@@ -237,6 +237,37 @@ def test_second_run_creates_nothing_and_reads_nothing_past_the_cursor(sync: Sync
     assert third.api_calls["hubspot"] <= 2
 
 
+def test_a_stop_request_ends_the_run_after_the_page_in_flight_and_the_next_run_goes_on(sync: Sync) -> None:
+    """Asked to stop (a shutdown), the run records the page it is on, moves the cursor past it and ends partial;
+    the next run reads only the rest and every won deal ends with one invoice."""
+    pipeline = make_pipeline().model_copy(update={"page_size": 10})
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return True
+
+    runner = sync.runner(pipeline)
+    runner.stop = stop
+    first = runner.run()
+    assert first.status == "partial"
+    assert "stopped for shutdown after 1 page" in (first.error or "")
+    assert len(asked) == 1
+    assert 0 < first.counts["pulled"] <= 10 < len(sync.book.deals)  # one page of ten deals at most
+    cursor = sync.store.get_cursor(PIPELINE, STREAM)
+    assert cursor is not None  # the first page is durably done
+    done = {sync.hs.deal_ids_by_book_id()[d.id] for d in sync.won} & set(sync.store.links(PIPELINE, "deal"))
+    assert first.counts["created"] > 0
+    assert len(done) == first.counts["created"]
+    assert len(sync.live_invoices()) == first.counts["created"]
+
+    rest = sync.run(pipeline)
+    assert (rest.status, rest.error) == ("ok", None)
+    assert first.counts["pulled"] + rest.counts["pulled"] == len(sync.book.deals)  # nothing read twice
+    assert first.counts["created"] + rest.counts["created"] == len(sync.won)
+    sync.assert_exactly_once()
+
+
 def test_lines_come_from_the_accepted_quote(sync: Sync) -> None:
     """A deal whose customer accepted a quote is invoiced with the quote's lines, not the deal's own."""
     deal = _won_with(sync, lambda d: d.quote is not None and d.quote.status == "accepted" and d.quote.lines != d.lines)

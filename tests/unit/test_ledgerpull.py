@@ -129,3 +129,34 @@ def test_a_pull_that_fails_mid_stream_keeps_what_it_stored_and_its_cursor(xero: 
     finally:
         ledger.close()
         store.close()
+
+
+def test_a_stop_request_ends_the_pull_after_the_chunk_in_flight(xero: tuple[Any, str], tmp_path: Path) -> None:
+    """Asked to stop after its first chunk, the pull keeps that chunk, leaves the stream's cursor unset and
+    reads no further stream; the next pull completes every stream."""
+    _, url = xero
+    store = StateStore.open(f"sqlite:///{tmp_path / 's.db'}")
+    ledger = _ledger(url)
+    asked: list[str] = []
+
+    def stop() -> bool:
+        asked.append("asked")
+        return len(asked) > 1  # the check before the first stream says go on, the one after its first chunk stops
+
+    try:
+        res = LedgerPull("p", ledger, store, stop=stop).run()
+        assert res.status == "partial"
+        assert "stopped for shutdown during ledger_invoices" in (res.error or "")
+        assert len(asked) == 2
+        facts = FactStore(store)
+        assert len(facts.ledger_invoices("p")) == 200  # the chunk read before the stop, stored
+        assert store.get_cursor("p", "ledger_invoices") is None  # the stream is not complete
+        assert facts.ledger_payments("p") == []  # later streams never started
+        again = LedgerPull("p", ledger, store).run()
+        assert again.status == "ok"
+        invoices, payments = _sales(url)
+        assert len(facts.ledger_invoices("p")) == len(invoices) > 200
+        assert len(facts.ledger_payments("p")) == len(payments)
+    finally:
+        ledger.close()
+        store.close()

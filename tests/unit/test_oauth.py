@@ -10,7 +10,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from connectors.errors import AuthError
+from connectors.errors import AuthError, ReauthorizationRequired
 from connectors.interfaces import ApiStats
 from connectors.oauth import RotatingOAuth2
 from connectors.xero.sandbox import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, XeroSandbox
@@ -190,7 +190,7 @@ def test_revoked_connection_raises_auth_error_without_looping(sandbox: XeroSandb
         rotated = store.load(CONN)["refresh_token"]  # type: ignore[index]
         sandbox.revoke_refresh_tokens()
         clock.advance(3600)
-        with capture_logs() as logs, pytest.raises(AuthError) as err:
+        with capture_logs() as logs, pytest.raises(ReauthorizationRequired) as err:
             client.get("/connections")
     assert "re-authorise" in str(err.value)
     assert sandbox.refresh_calls == 2  # the first refresh, then exactly one refused attempt
@@ -228,7 +228,7 @@ def test_eight_threads_needing_a_refresh_share_one_refresh_call(sandbox: XeroSan
 def test_missing_refresh_token_is_an_auth_error(sandbox: XeroSandbox, clock: ManualClock) -> None:
     """With nothing stored and nothing configured the connection must be authorised first."""
     auth = _auth(sandbox, MemoryTokenStore(), None, clock)
-    with pytest.raises(AuthError, match="authorise the connection"):
+    with pytest.raises(ReauthorizationRequired, match="authorise the connection"):
         auth.token()
     assert sandbox.refresh_calls == 0
 
@@ -242,6 +242,8 @@ def test_wrong_client_secret_is_an_auth_error_without_the_secret(sandbox: XeroSa
     with pytest.raises(AuthError) as err:
         auth.token()
     assert err.value.code == "invalid_client"
+    # A wrong client secret is the operator's configuration, not a connection someone must authorise again.
+    assert not isinstance(err.value, ReauthorizationRequired)
     assert "canary-wrong-secret-93f1" not in str(err.value)
     assert initial not in str(err.value)
     assert "canary-wrong-secret-93f1" not in repr(auth)

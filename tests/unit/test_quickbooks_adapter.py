@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from connectors.domain import Address, Customer, Invoice, InvoiceLine
-from connectors.errors import AmbiguousWriteError, AuthError, ConfigError, RecordError
+from connectors.errors import AmbiguousWriteError, AuthError, ConfigError, ReauthorizationRequired, RecordError
 from connectors.interfaces import InvoiceRequest
 from connectors.quickbooks import QuickBooksLedger
 from connectors.quickbooks.sandbox import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, QuickBooksSandbox
@@ -467,7 +467,7 @@ def test_no_secret_reaches_an_error_or_a_log(clock: ManualClock, caplog: pytest.
             list(ledger.list_invoices())
         except AuthError as exc:
             errors.append(exc)
-    assert [type(e) for e in errors] == [AmbiguousWriteError, AuthError]
+    assert [type(e) for e in errors] == [AmbiguousWriteError, ReauthorizationRequired]
     text = " ".join([*(str(e) + repr(e) + str(e.__dict__) for e in errors), repr(logs), caplog.text,
                      outcome.error or "", repr(ledger.settings), repr(ledger.client.auth)])
     for secret in (CANARY_SECRET, CANARY_REFRESH, tokens["access_token"], tokens["refresh_token"]):

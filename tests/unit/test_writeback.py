@@ -15,6 +15,7 @@ from config.schema import MetricsFields
 from connectors.hubspot.adapter import HubSpotSource
 from connectors.sandboxkit import serve
 from connectors.xero.testing import MemoryTokenStore
+from metrics import writeback
 from metrics.writeback import CUSTOMER_FIELDS, canonical, write_back
 from sync.factstore import FactStore
 from sync.sandboxes import build_sandbox, crm_sandbox_settings
@@ -84,6 +85,27 @@ def test_a_record_the_crm_rejects_is_reported_and_retried_next_run(
     dry = write_back(crm, facts, "p", "customer", CUSTOMER_FIELDS, records, currency="EUR", fields=MetricsFields(),
                      dry_run=True)
     assert (dry.records_changed, dry.values_written, dry.write_calls) == (1, 0, 0)
+
+
+def test_a_stop_request_ends_the_write_back_between_chunks_and_the_next_run_writes_the_rest(
+        hubspot: tuple[HubSpotSource, HubSpot, FactStore, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk's accepted values are recorded before the next chunk; a stop between chunks leaves the rest
+    for the next run, which writes exactly those."""
+    crm, client, facts, ids = hubspot
+    monkeypatch.setattr(writeback, "WRITE_CHUNK", 2)
+    records = {cid: {"balance_due": Decimal(n + 1)} for n, cid in enumerate(ids)}
+    stopped = write_back(crm, facts, "p", "customer", CUSTOMER_FIELDS, records, currency="EUR",
+                         fields=MetricsFields(), stop=lambda: True)
+    assert stopped.stopped
+    assert (stopped.records_changed, stopped.values_written, stopped.write_calls) == (3, 2, 1)
+    assert set(facts.written_values("p", "customer")) == {(cid, "ledgerbridge_balance_due") for cid in ids[:2]}
+    assert _props(client, ids[2], "ledgerbridge_balance_due").get("ledgerbridge_balance_due") in (None, "")
+
+    rest = write_back(crm, facts, "p", "customer", CUSTOMER_FIELDS, records, currency="EUR", fields=MetricsFields(),
+                      stop=lambda: False)
+    assert not rest.stopped
+    assert (rest.records_changed, rest.values_written, rest.write_calls) == (1, 1, 1)
+    assert _props(client, ids[2], "ledgerbridge_balance_due")["ledgerbridge_balance_due"] == "3.00"
 
 
 @pytest.mark.parametrize(("value", "kind", "expected"), [

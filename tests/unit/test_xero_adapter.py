@@ -12,7 +12,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from connectors.domain import Address, Customer, Invoice, InvoiceLine
-from connectors.errors import AmbiguousWriteError, AuthError, ConfigError, QuotaExhaustedError
+from connectors.errors import (
+    AmbiguousWriteError,
+    AuthError,
+    ConfigError,
+    QuotaExhaustedError,
+    ReauthorizationRequired,
+)
 from connectors.interfaces import InvoiceRequest
 from connectors.sandboxkit import Fault, FaultPlan
 from connectors.seedbook import PRODUCTS
@@ -368,7 +374,7 @@ def test_no_secret_reaches_an_error_or_a_log(clock: ManualClock, caplog: pytest.
             list(ledger.list_invoices())
         except AuthError as exc:
             errors.append(exc)
-    assert [type(e) for e in errors] == [AmbiguousWriteError, AuthError]
+    assert [type(e) for e in errors] == [AmbiguousWriteError, ReauthorizationRequired]
     text = " ".join([*(str(e) + repr(e) + str(e.__dict__) for e in errors), repr(logs), caplog.text,
                      outcome.error or "", repr(ledger.settings), repr(ledger.client.auth)])
     for secret in (CANARY_SECRET, CANARY_REFRESH, tokens["access_token"], tokens["refresh_token"]):
