@@ -35,8 +35,9 @@ returns its amounts as positive numbers and its allocation to that invoice. An i
 of all of it reads back settled (``paid``, nothing due) and the credit note takes it back, as in Xero and
 QuickBooks. Expense lines come from the general ledger (``GET /ledger_entry_lines`` on the ledger accounts of
 the asked numbers): a supplier invoice line does not name its ledger account in the API, its ledger entry does.
-The books are in euros; ``exchange_rate`` converts a document to euros. An invoice has no lasting address in
-the API (its PDF link expires after 30 minutes), so :meth:`PennylaneLedger.invoice_url` gives none.
+The books are in euros; ``exchange_rate`` converts a document to euros (read as euros per unit, checked against
+the document's two totals: :func:`home_rate`). An invoice has no lasting address in the API (its PDF link
+expires after 30 minutes), so :meth:`PennylaneLedger.invoice_url` gives none.
 
 Only :mod:`connectors.errors` types leave this module.
 """
@@ -78,7 +79,7 @@ from connectors.oauth import LockFactory
 from connectors.pennylane.client import VENDOR, PennylaneClient, filter_param, money
 from connectors.pennylane.settings import PennylaneSettings
 
-__all__ = ["VAT_CODES", "PennylaneLedger", "customer_body", "rate_of_vat_code", "vat_code_for"]
+__all__ = ["VAT_CODES", "PennylaneLedger", "customer_body", "home_rate", "rate_of_vat_code", "vat_code_for"]
 
 log = structlog.get_logger("ledgerbridge.pennylane")
 
@@ -94,6 +95,8 @@ _RETENTION_MARGIN = dt.timedelta(hours=1)
 _IN_CHUNK = 50
 _IN_BUDGET = 1500  # characters of one JSON filter value, to keep URLs short
 _SIX = Decimal("0.000001")
+_RATE_PLACES = Decimal("1e-10")
+_RATE_SLACK = Decimal("0.00001")  # relative: a rate kept to six decimals
 _CODE = re.compile(r"^[A-Z]{2}_(\d+)(?:_(\d+))?$")
 _PAID_STATUSES = {"found", "confirmed", "paid_out", "emitted"}
 _FAILED_STATUSES = {"aborted", "cancelled", "error", "failed", "refunded", "charged_back", "not_found",
@@ -165,6 +168,28 @@ def _rate(value: Any) -> Decimal | None:
     """``exchange_rate`` (euros for one unit of the document's currency); None when absent or not positive."""
     rate = _dec(value)
     return rate if rate is not None and rate > 0 else None
+
+
+def home_rate(document: Mapping[str, Any]) -> Decimal | None:
+    """Euros for one unit of a customer invoice's or credit note's currency; None without a usable rate.
+
+    The API describes ``exchange_rate`` only as the rate "used to convert the invoice to euros", which leaves its
+    direction open. It is read as euros per unit (euro amount = currency amount x rate), as the field's wording
+    suggests. The document also states both totals, ``amount`` in euros and ``currency_amount`` in its own
+    currency: when they contradict that reading and agree with the other one (euro amount = currency amount /
+    rate), the rate is turned round, so a foreign document is never counted at the inverse of its rate.
+    """
+    rate = _rate(document.get("exchange_rate"))
+    if rate is None or rate == 1:
+        return rate
+    euros = _dec(document.get("amount"))
+    units = _dec(document.get("currency_amount"))
+    if euros is None or not units:
+        return rate
+    slack = Decimal("0.01") + abs(euros) * _RATE_SLACK  # the euro total is rounded to the cent
+    if abs(units * rate - euros) > slack and abs(units / rate - euros) <= slack:
+        return (Decimal(1) / rate).quantize(_RATE_PLACES)
+    return rate
 
 
 def _parse_dt(value: Any) -> dt.datetime | None:
@@ -604,7 +629,7 @@ class PennylaneLedger(Ledger):
                 amount_due=remaining if status != "draft" else None,
                 updated_at=_parse_dt(raw.get("updated_at")),
                 ledger_total=total,
-                exchange_rate=_rate(raw.get("exchange_rate")),
+                exchange_rate=home_rate(raw),
             )
         except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
             raise _shape_error("invoice") from None
@@ -705,7 +730,7 @@ class PennylaneLedger(Ledger):
                 remaining=remaining,
                 credited_invoice_ledger_id=credited_id,
                 allocations=allocations,
-                exchange_rate=_rate(raw.get("exchange_rate")),
+                exchange_rate=home_rate(raw),
                 updated_at=_parse_dt(raw.get("updated_at")),
             )
         except (KeyError, TypeError, AttributeError, ArithmeticError, ValidationError):
