@@ -1,7 +1,8 @@
 """The one HTTP and retry layer every connector uses.
 
 - :class:`RateBudget` paces calls *before* they are sent (sliding windows plus a concurrency cap) and
-  pauses when a vendor says so (``Retry-After``, limit headers at zero).
+  pauses when a vendor says so (``Retry-After``, limit headers at zero). :func:`shared_budget` hands the
+  connectors of one process that reach the same vendor account one budget between them.
 - :func:`retrying` is the single tenacity policy: it retries :class:`~connectors.errors.TransientError`
   (and so :class:`~connectors.errors.RateLimitedError`), waits what the vendor asked or an exponential
   backoff with full jitter, and re-raises the last error.
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import hashlib
 import random
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, TypeVar
 
 import httpx
@@ -38,7 +41,16 @@ from connectors.errors import (
 )
 from connectors.interfaces import ApiStats
 
-__all__ = ["RateBudget", "VendorHttp", "backoff_jitter", "parse_retry_after", "retrying"]
+__all__ = [
+    "RateBudget",
+    "VendorHttp",
+    "backoff_jitter",
+    "fingerprint",
+    "forget_idle_budgets",
+    "parse_retry_after",
+    "retrying",
+    "shared_budget",
+]
 
 log = structlog.get_logger("ledgerbridge.http")
 T = TypeVar("T")
@@ -64,11 +76,23 @@ def parse_retry_after(value: str | None) -> float | None:
     return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
 
 
+#: The real clock. A budget that sleeps and reads time with these may be shared (see :func:`shared_budget`);
+#: one built with any other (a test's fake clock) never is.
+_REAL_SLEEP = time.sleep
+_REAL_MONOTONIC = time.monotonic
+
+
 class RateBudget:
     """Client-side pacing for one (vendor, account): sliding windows and a concurrency cap.
 
     ``windows`` is a list of ``(limit, seconds)``. :meth:`acquire` blocks until a call fits in every
     window and no pause is in force; :meth:`pause` is called when the vendor says to wait.
+
+    A vendor's limit belongs to its account (a Xero tenant, a QuickBooks realm, a HubSpot token...), not to
+    a connector instance, and the daemon runs several jobs, each with its own connectors, at once. So the
+    connectors build their budgets through :func:`shared_budget`: every connector of the process that reaches
+    the same account with the same limits paces its calls, counts its concurrency and takes the vendor's
+    remaining counts (:meth:`observe`) and pauses in the one budget they share.
     """
 
     def __init__(
@@ -83,6 +107,7 @@ class RateBudget:
         # ``slack`` widens every window a little: the vendor starts counting when a request *arrives*,
         # after we sent it, so a window that frees exactly on our clock may not yet have freed on theirs.
         self.windows = [(limit, seconds + slack) for limit, seconds in windows]
+        self.concurrency = concurrency or None
         self._hits: list[deque[float]] = [deque() for _ in windows]
         self._lock = threading.Lock()
         self._sem = threading.BoundedSemaphore(concurrency) if concurrency else None
@@ -90,6 +115,16 @@ class RateBudget:
         self._sleep = sleep
         self._now = monotonic
         self.waited = 0.0
+
+    @property
+    def on_real_clock(self) -> bool:
+        """True when the budget sleeps and reads time on the real clock (the defaults): it may be shared."""
+        return self._sleep is _REAL_SLEEP and self._now is _REAL_MONOTONIC
+
+    @property
+    def limits(self) -> tuple[tuple[tuple[int, float], ...], int | None]:
+        """The windows (slack included) and the concurrency cap: what a shared budget's key carries."""
+        return tuple(self.windows), self.concurrency
 
     def pause(self, seconds: float) -> None:
         with self._lock:
@@ -112,6 +147,15 @@ class RateBudget:
                 return 0
             return max(min(limit - sum(1 for hit in hits if hit > now - seconds)
                            for (limit, seconds), hits in zip(self.windows, self._hits, strict=True)), 0)
+
+    def holds_calls(self) -> bool:
+        """True while a pause is in force or some window still counts a call: the budget knows something a
+        fresh one would not."""
+        with self._lock:
+            now = self._now()
+            return self._paused_until > now or any(
+                hits and hits[-1] > now - seconds for (_limit, seconds), hits in zip(self.windows, self._hits,
+                                                                                     strict=True))
 
     def observe(self, remaining: int, window: int = 0) -> None:
         """The vendor says ``remaining`` calls are left in its ``window``-th window (its limit headers).
@@ -150,6 +194,58 @@ class RateBudget:
     def release(self) -> None:
         if self._sem is not None:
             self._sem.release()
+
+
+_shared_lock = threading.Lock()
+_shared: weakref.WeakValueDictionary[tuple[Hashable, ...], RateBudget] = weakref.WeakValueDictionary()
+#: Budgets kept after their last connector has gone, for as long as their windows still count calls: the
+#: daemon's runs follow one another with new connectors, and a run must see the calls of the run before it.
+_recent: dict[tuple[Hashable, ...], RateBudget] = {}
+
+
+def fingerprint(value: str) -> str:
+    """A stand-in for a credential or an account name in a budget key: its SHA-256, never the value itself."""
+    return "sha256:" + hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+def shared_budget(key: tuple[Hashable, ...], factory: Callable[[], RateBudget]) -> RateBudget:
+    """The process's one budget for ``key``: the budget ``factory`` builds, or the one already built for it.
+
+    ``key`` names the account the vendor's limit applies to, e.g. ``("xero", api_url, tenant_id,
+    fingerprint(client_id), transport)``: the vendor, the API address (two sandboxes on two ports are two
+    accounts), the account identity (credentials only through :func:`fingerprint`), the limit's kind where
+    a vendor has several, and the injected ``httpx`` transport where there is one (each in-process sandbox
+    transport is an account of its own). The budget's limits (its windows and concurrency cap) are added to the key:
+    connectors configured with other limits for the same account get a budget of their own.
+
+    Only budgets on the real clock are shared. ``factory`` is called every time and its budget is returned
+    as it is, unshared, when it sleeps or reads time any other way (a test's fake clock), so that such
+    budgets stay isolated. Otherwise the first budget registered under the key is returned. A budget lives
+    while a connector refers to it or its windows still count calls (so consecutive runs, each with new
+    connectors, see each other's calls); after that it is dropped, and the next connector for that account
+    starts with a fresh budget, which is then no different.
+    """
+    budget = factory()
+    if not budget.on_real_clock:
+        return budget
+    full = (*key, budget.limits)
+    with _shared_lock:
+        # An empty budget is no different from a fresh one: drop it (nothing here keeps it alive after).
+        for stale in [k for k, b in _recent.items() if not b.holds_calls()]:
+            del _recent[stale]
+        existing = _shared.get(full)
+        if existing is not None:
+            _recent[full] = existing
+            return existing
+        _shared[full] = _recent[full] = budget
+        return budget
+
+
+def forget_idle_budgets() -> None:
+    """Drop every budget no connector refers to any more, whatever its windows still count (test isolation:
+    a sandbox behind a reused address is a new account)."""
+    with _shared_lock:
+        _recent.clear()
 
 
 def backoff_jitter(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:

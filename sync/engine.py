@@ -25,7 +25,8 @@ import datetime as dt
 import queue
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -158,15 +159,15 @@ class PipelineRunner:
             self._recover(counts)
             if not self.store.has_any_state(self.name):
                 self._rebuild(counts)
-            pages_left = self._pages(started)
-            for pages, (page_deals, cursor) in enumerate(pages_left, start=1):
-                self._process_page(page_deals, cursor, counts, result)
-                # On a stop request, the page already being fetched tells whether anything was left.
-                if self.stop is not None and self.stop() and next(pages_left, None) is not None:
-                    result.status = "partial"
-                    result.error = f"stopped for shutdown after {pages} page(s); the next run goes on from there"
-                    log.info("run stopped for shutdown after a page", pages=pages)
-                    break
+            with closing(self._pages(started)) as pages_left:
+                for pages, (page_deals, cursor) in enumerate(pages_left, start=1):
+                    self._process_page(page_deals, cursor, counts, result)
+                    # On a stop request, the page already being fetched tells whether anything was left.
+                    if self.stop is not None and self.stop() and next(pages_left, None) is not None:
+                        result.status = "partial"
+                        result.error = f"stopped for shutdown after {pages} page(s); the next run goes on from there"
+                        log.info("run stopped for shutdown after a page", pages=pages)
+                        break
         except StopRun as exc:
             result.status = "failed"
             result.error = exc.message
@@ -336,7 +337,7 @@ class PipelineRunner:
     # ------------------------------------------------------------------------------------------------
     # pulling
     # ------------------------------------------------------------------------------------------------
-    def _pages(self, until: dt.datetime) -> Iterator[tuple[list[Deal], Any]]:
+    def _pages(self, until: dt.datetime) -> Generator[tuple[list[Deal], Any]]:
         """Deals to look at: first those to re-check (flagged, pending), then the changed ones by page."""
         recheck = set(self.store.open_flags(self.name))
         recheck |= {i.crm_id for i in self.store.open_intents(self.name, "invoice")}
@@ -594,20 +595,24 @@ def prefetch(source: Iterator[T], depth: int = 2) -> Iterator[T]:
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item: Any) -> bool:
+        """Queue ``item`` unless the consumer has gone (then False): a full queue never blocks for good."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in source:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            q.put(_DONE)
+            offer(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            q.put(exc)
+            offer(exc)
 
     ctx = contextvars.copy_context()
     worker = threading.Thread(target=ctx.run, args=(produce,), name="crm-prefetch", daemon=True)

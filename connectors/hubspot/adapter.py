@@ -62,7 +62,7 @@ from connectors.errors import (
     TransientError,
     VendorError,
 )
-from connectors.http import RateBudget, parse_retry_after, retrying
+from connectors.http import RateBudget, fingerprint, parse_retry_after, retrying, shared_budget
 from connectors.hubspot.catalog import ENGAGEMENT_TYPES, PRIMARY_ASSOCIATIONS
 from connectors.hubspot.settings import HUBSPOT_API, HubSpotSettings
 from connectors.interfaces import (
@@ -240,8 +240,14 @@ class HubSpotSource(CrmSource):
         self.stats = ApiStats()
         scale = settings.time_scale
         keep = 1 - settings.rate_limit_margin
-        self._budget = RateBudget([(max(1, math.floor(settings.requests_per_10s * keep)), 10.0 / scale)])
-        self._search_budget = RateBudget([(max(1, math.floor(settings.searches_per_s * keep)), 1.0 / scale)])
+        # HubSpot counts per app token: every source of this process with the token shares its two budgets.
+        account = (self.vendor, settings.base_url or HUBSPOT_API, fingerprint(settings.access_token.get_secret_value()))
+        self._budget = shared_budget(
+            (*account, "requests"),
+            lambda: RateBudget([(max(1, math.floor(settings.requests_per_10s * keep)), 10.0 / scale)]))
+        self._search_budget = shared_budget(
+            (*account, "search"),
+            lambda: RateBudget([(max(1, math.floor(settings.searches_per_s * keep)), 1.0 / scale)]))
         self._client = HubSpot(
             access_token=settings.access_token.get_secret_value(),
             host=settings.base_url or HUBSPOT_API,

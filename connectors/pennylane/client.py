@@ -44,7 +44,7 @@ from connectors.errors import (
     TransientError,
     VendorError,
 )
-from connectors.http import RateBudget, VendorHttp, parse_retry_after
+from connectors.http import RateBudget, VendorHttp, fingerprint, parse_retry_after, shared_budget
 from connectors.interfaces import ApiStats, TokenStore
 from connectors.oauth import LockFactory, RotatingOAuth2
 from connectors.pennylane.settings import PennylaneSettings
@@ -155,7 +155,14 @@ class PennylaneClient:
         self.stats = stats if stats is not None else ApiStats()
         scale = settings.time_scale
         self.window_s = 5.0 / scale
-        self.budget = RateBudget([(settings.requests_per_5s, self.window_s)], sleep=sleep, monotonic=monotonic)
+        # The limit is per token: clients of this process with the same company token (or OAuth connection,
+        # whose tokens they share) share one budget.
+        credential = (settings.api_token.get_secret_value() if settings.api_token is not None
+                      else f"{settings.client_id}\n{settings.connection_name}")
+        self.budget = shared_budget(
+            (VENDOR, settings.api_url, fingerprint(credential), transport),
+            lambda: RateBudget([(settings.requests_per_5s, self.window_s)], sleep=sleep, monotonic=monotonic),
+        )
         self._clock = clock
         self.oauth: RotatingOAuth2 | None = None
         auth: httpx.Auth

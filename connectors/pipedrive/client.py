@@ -42,7 +42,7 @@ from connectors.errors import (
     TransientError,
     VendorError,
 )
-from connectors.http import RateBudget, VendorHttp, parse_retry_after
+from connectors.http import RateBudget, VendorHttp, fingerprint, parse_retry_after, shared_budget
 from connectors.interfaces import ApiStats, TokenStore
 from connectors.oauth import LockFactory, RotatingOAuth2
 from connectors.pipedrive.settings import PipedriveSettings
@@ -151,7 +151,14 @@ class PipedriveClient:
         self.stats = stats if stats is not None else ApiStats()
         scale = settings.time_scale
         per_window = max(1, math.floor(settings.burst_limit * (1 - settings.rate_limit_margin)))
-        self.budget = RateBudget([(per_window, 2.0 / scale)], sleep=sleep, monotonic=monotonic)
+        # The burst window is per token: clients of this process with the same API token (or OAuth
+        # connection, whose tokens they share) share one budget.
+        credential = (settings.api_token.get_secret_value() if settings.api_token is not None
+                      else f"{settings.client_id}\n{settings.connection_name}")
+        self.budget = shared_budget(
+            (VENDOR, settings.base_url, fingerprint(credential), transport),
+            lambda: RateBudget([(per_window, 2.0 / scale)], sleep=sleep, monotonic=monotonic),
+        )
         self._monotonic = monotonic
         self._clock = clock
         self._lock = threading.Lock()

@@ -33,7 +33,7 @@ from connectors.errors import (
     TransientError,
     VendorError,
 )
-from connectors.http import RateBudget, VendorHttp, parse_retry_after
+from connectors.http import RateBudget, VendorHttp, parse_retry_after, shared_budget
 from connectors.interfaces import ApiStats, TokenStore
 from connectors.oauth import LockFactory, RotatingOAuth2
 from connectors.quickbooks import wire
@@ -114,8 +114,12 @@ class QuickBooksClient:
         self.settings = settings
         self.stats = stats if stats is not None else ApiStats()
         scale = settings.time_scale
-        self.budget = RateBudget([(settings.requests_per_minute, 60.0 / scale)], settings.concurrency,
-                                 sleep=sleep, monotonic=monotonic)
+        # QuickBooks counts per company (realm): every client of this process on the realm shares one budget.
+        self.budget = shared_budget(
+            (VENDOR, settings.api_url, settings.realm_id, transport),
+            lambda: RateBudget([(settings.requests_per_minute, 60.0 / scale)], settings.concurrency,
+                               sleep=sleep, monotonic=monotonic),
+        )
         self._throttle_wait = settings.throttle_wait_s / scale
         self._clock = clock
         self.auth = RotatingOAuth2(

@@ -51,11 +51,12 @@ from connectors.errors import (
     ConnectorError,
     QuotaExhaustedError,
     RateLimitedError,
+    ReauthorizationRequired,
     TransientError,
     VendorError,
     redact,
 )
-from connectors.http import USER_AGENT, RateBudget, parse_retry_after, retrying
+from connectors.http import USER_AGENT, RateBudget, fingerprint, parse_retry_after, retrying, shared_budget
 from connectors.interfaces import ApiStats, TokenStore
 from connectors.salesforce.settings import SalesforceSettings
 
@@ -633,8 +634,14 @@ class SalesforceClient:
         self._sleep = sleep
         self._monotonic = monotonic
         scale = settings.time_scale
-        self.budget = RateBudget([(max(1, round(settings.requests_per_second)), 1.0 / scale)],
-                                 settings.concurrency, sleep=sleep, monotonic=monotonic)
+        # One org's calls share one budget in this process: the org's address (or the login host until the
+        # token names it) and the connected app and connection its tokens belong to.
+        self.budget = shared_budget(
+            (VENDOR, settings.api_origin or settings.login_url,
+             fingerprint(f"{settings.client_id}\n{settings.connection_name}")),
+            lambda: RateBudget([(max(1, round(settings.requests_per_second)), 1.0 / scale)],
+                               settings.concurrency, sleep=sleep, monotonic=monotonic),
+        )
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
         # The transport never retries: connectors.http.retrying() is the one retry layer.
@@ -799,8 +806,8 @@ class SalesforceClient:
             form.update(grant_type="password", username=s.username or "", password=password)
         else:
             if not refresh_token:
-                raise AuthError("no refresh token stored or configured; authorise the connection", vendor=VENDOR,
-                                method="POST", path="/services/oauth2/token")
+                raise ReauthorizationRequired("no refresh token stored or configured; authorise the connection",
+                                              vendor=VENDOR, method="POST", path="/services/oauth2/token")
             form.update(grant_type="refresh_token", refresh_token=refresh_token)
         return self._token_request(form)
 
@@ -848,8 +855,9 @@ class SalesforceClient:
                 except _InvalidGrant:
                     pass
             log.error("salesforce refresh token rejected", connection=s.connection_name)
-            raise AuthError("refresh token rejected; re-authorise the connection", vendor=VENDOR, status=400,
-                            code="invalid_grant", method="POST", path="/services/oauth2/token")
+            raise ReauthorizationRequired("refresh token rejected; re-authorise the connection", vendor=VENDOR,
+                                          status=400, code="invalid_grant", method="POST",
+                                          path="/services/oauth2/token")
 
     def _use(self, token: _Token) -> _Token:
         s = self.settings

@@ -29,7 +29,7 @@ from connectors.errors import (
     TransientError,
     VendorError,
 )
-from connectors.http import RateBudget, VendorHttp, parse_retry_after
+from connectors.http import RateBudget, VendorHttp, fingerprint, parse_retry_after, shared_budget
 from connectors.interfaces import ApiStats, TokenStore
 from connectors.oauth import LockFactory, RotatingOAuth2
 from connectors.xero import wire
@@ -122,11 +122,15 @@ class XeroClient:
         self.settings = settings
         self.stats = stats if stats is not None else ApiStats()
         scale = settings.time_scale
-        self.budget = RateBudget(
-            [(settings.calls_per_minute, 60.0 / scale), (settings.calls_per_day, 86400.0 / scale)],
-            settings.concurrency,
-            sleep=sleep,
-            monotonic=monotonic,
+        # Xero counts per organisation and app: every client of this process on the tenant shares one budget.
+        self.budget = shared_budget(
+            (VENDOR, settings.api_url, settings.tenant_id.lower(), fingerprint(settings.client_id), transport),
+            lambda: RateBudget(
+                [(settings.calls_per_minute, 60.0 / scale), (settings.calls_per_day, 86400.0 / scale)],
+                settings.concurrency,
+                sleep=sleep,
+                monotonic=monotonic,
+            ),
         )
         self._minute_pause = 5.0 / scale
         self._day_pause = 3600.0 / scale

@@ -22,7 +22,7 @@ from connectors.xero.adapter import XeroLedger
 from connectors.xero.sandbox import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_TENANT_ID, XeroSandbox
 from connectors.xero.settings import XeroSettings
 from connectors.xero.testing import MemoryTokenStore
-from sync.engine import STREAM, PipelineRunner, RunResult
+from sync.engine import STREAM, PipelineRunner, RunResult, prefetch
 from sync.reconcile import intent_key
 from sync.state import StateStore
 
@@ -775,3 +775,28 @@ def test_an_invoiced_deal_deleted_in_hubspot_is_flagged_not_forgotten(sync: Sync
     assert flags[victim].reason == "changed_after_invoice"
     assert "deleted in the CRM" in flags[victim].detail
     assert len(sync.xero.invoices()) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# prefetching pages
+# ------------------------------------------------------------------------------------------------
+def test_prefetch_yields_in_order_and_reraises_the_producer_error() -> None:
+    def source() -> Iterator[int]:
+        yield from range(5)
+        raise ValueError("page 6 failed")
+
+    got: list[int] = []
+    with pytest.raises(ValueError, match="page 6 failed"):
+        got.extend(prefetch(source(), depth=2))
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_a_consumer_that_stops_early_is_not_held_by_a_producer_with_a_full_queue() -> None:
+    """The producer has read everything and waits to hand over its end marker to a full queue: closing the
+    consumer must release it at once, not after the join timeout."""
+    gen = prefetch(iter([1, 2]), depth=1)
+    assert next(gen) == 1
+    time.sleep(0.3)  # the producer queues 2, then waits to queue the end marker
+    started = time.monotonic()
+    gen.close()
+    assert time.monotonic() - started < 2

@@ -15,7 +15,15 @@ import pytest
 
 from config.schema import Pipeline
 from connectors.domain import Deal
-from connectors.errors import AuthError, ConfigError, ConnectorError, QuotaExhaustedError, TransientError, VendorError
+from connectors.errors import (
+    AuthError,
+    ConfigError,
+    ConnectorError,
+    QuotaExhaustedError,
+    ReauthorizationRequired,
+    TransientError,
+    VendorError,
+)
 from connectors.interfaces import Cursor, DealPage, FieldSpec, FieldUpdate, TokenStore
 from connectors.registry import connector_class
 from connectors.salesforce import SalesforceSettings, SalesforceSource
@@ -483,6 +491,7 @@ def test_a_session_refused_after_renewal_is_an_auth_error(env: Callable[..., Env
     with pytest.raises(AuthError) as caught:
         src.get_deals(sb.object_ids("Opportunity")[:1])
     assert caught.value.code == "INVALID_SESSION_ID"
+    assert not isinstance(caught.value, ReauthorizationRequired)  # a refused session is not a dead grant
     assert src.stats.by_endpoint[TOKEN_ENDPOINT] == 2
     assert src.stats.retries == 0
 
@@ -560,7 +569,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def test_no_client_library_exception_escapes(env: Callable[..., Env]) -> None:
     """A refused refresh token is an AuthError, a refused connection a TransientError, a bad field a VendorError."""
     sb, src = env(refresh_token="5Aep861-not-a-valid-token")
-    with pytest.raises(AuthError) as refused:
+    with pytest.raises(ReauthorizationRequired) as refused:
         pull(src)
     assert refused.value.code == "invalid_grant"
     assert "not-a-valid" not in str(refused.value)
