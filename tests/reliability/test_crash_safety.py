@@ -50,12 +50,28 @@ def _dropped(books: Any) -> int:
     return injected.get("drop_after_commit", 0)
 
 
+def _wait_for_ledger_traffic(books: Any, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Return once the run has sent the ledger a request (or ended, or ``timeout`` passed).
+
+    Starting a process takes a few seconds on a busy machine; a kill timer started at launch would mostly
+    kill runs that never reached the ledger. The sandbox counts every request, this poll's own included."""
+    last = books.get("/_sandbox/stats")["calls"]
+    end = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.05)
+        seen = books.get("/_sandbox/stats")["calls"]
+        if seen - last > 1:
+            return
+        last = seen
+
+
 def _crash_loop(tmp_path: Path, crm: str, ledger: str) -> None:
     """SIGKILL `run --once` at random moments until 20 kills landed mid-sync, then run to quiescence."""
     seed = int(os.environ.get("LEDGERBRIDGE_CRASH_SEED", "20261126"))
     rng = random.Random(seed)
     # Every request is slowed down (latency is listed last so that it never hides the other faults), and
-    # pages are small, so the sync spans many runs and each SIGKILL lands in the middle of real work.
+    # pages are small, so the sync spans many runs; each kill timer starts once the run talks to the ledger, so
+    # each SIGKILL lands in the middle of real work.
     with sandbox_process(crm, "--deals", str(DEALS), "--won-share", "1", "--seed", str(seed),
                          "--faults", "429=0.02,503=0.02,latency=1:0.05", "--time-scale", "10") as hs, \
          sandbox_process(ledger, "--seed", str(seed), "--time-scale", "10",
@@ -72,13 +88,16 @@ def _crash_loop(tmp_path: Path, crm: str, ledger: str) -> None:
             launches += 1
             proc = subprocess.Popen(cli("run", "--once", "-c", str(cfg)), cwd=REPO,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _wait_for_ledger_traffic(books, proc)
             try:
-                proc.wait(timeout=rng.uniform(0.5, 3.0))
+                proc.wait(timeout=rng.uniform(0.0, 1.5))
             except subprocess.TimeoutExpired:
                 in_progress = len(books.get("/_sandbox/invoices")) < DEALS
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += in_progress
+            if len(books.get("/_sandbox/invoices")) >= DEALS:
+                break  # the sync is complete: no later kill could land mid-sync
         assert kills >= 20, f"only {kills} runs were killed while the sync was in progress"
         # The storm passes: the ledger stops dropping answers. Restart to quiescence: a run that creates
         # nothing and ends clean (a ledger without idempotency keys may hold an unanswered create for a
