@@ -99,10 +99,11 @@ def _crash_loop(tmp_path: Path, crm: str, ledger: str) -> None:
             if len(books.get("/_sandbox/invoices")) >= DEALS:
                 break  # the sync is complete: no later kill could land mid-sync
         assert kills >= 20, f"only {kills} runs were killed while the sync was in progress"
-        # The storm passes: the ledger stops dropping answers. Restart to quiescence: a run that creates
-        # nothing and ends clean (a ledger without idempotency keys may hold an unanswered create for a
-        # few runs, until its lookup can be trusted).
+        # The storm passes: the ledger stops dropping answers, both vendors answer at once. Restart to
+        # quiescence: a run that creates nothing and ends clean (a ledger without idempotency keys may hold an
+        # unanswered create for a few runs, until its lookup can be trusted).
         books.put("/_sandbox/faults", {"spec": ""})
+        hs.put("/_sandbox/faults", {"spec": ""})
         for _ in range(30):
             res = run_cli("run", "--once", "--json", "-c", str(cfg))
             if res.returncode == 0 and '"awaiting_lookup"' not in res.stdout:
